@@ -1,0 +1,71 @@
+"""`vae-export`: export a diffusers AutoencoderKL to ONNX (and TensorRT where it can), verified."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import TrtvaeError
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    from .export.loading import DEFAULT_MODEL
+    from .export.precision import PRECISIONS
+
+    p = argparse.ArgumentParser(
+        prog="vae-export",
+        description="Export the encoder and decoder of a diffusers AutoencoderKL (default: the SDXL VAE fp16-fix) "
+        "to ONNX with dynamic batch/height/width, verify them against PyTorch fp32, and write manifest.json.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"Hub repo id, local diffusers folder, single .safetensors file, or 'demo' (default {DEFAULT_MODEL})")
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="tensor type inside the graphs (default fp16)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default engines/<model-name>/)")
+    p.add_argument("--components", default="decoder,encoder", help="comma-separated: decoder,encoder (default both)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare with the PyTorch fp32 reference and fail on a missed threshold (default on)")
+    p.add_argument("--subfolder", default=None, help="subfolder of a Hub repo holding the VAE (e.g. vae)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow .ckpt/.bin/.pt weights (pickle can run code: only for sources you trust)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    start = time.perf_counter()
+    try:
+        if argv[:1] == ["audit"]:
+            from .export.audit_cli import main as audit_main
+
+            return audit_main(argv[1:])
+        return _export(argv)
+    except TrtvaeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no manifest was written, the output folder is not a finished export", file=sys.stderr)
+        return 130
+    finally:
+        print(f"total {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def _export(argv) -> int:
+    args = _export_parser().parse_args(argv)
+    from .export.pipeline import ExportOptions, run_export
+
+    opts = ExportOptions(
+        model=args.model,
+        precision=args.precision,
+        out=args.out,
+        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        verify=args.verify,
+        allow_pickle=args.allow_pickle,
+        subfolder=args.subfolder,
+    )
+    run_export(opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Accuracy of an exported runtime against the PyTorch fp32 reference of the same weights.
+
+The reference runs through diffusers' own `AutoencoderKL.decode` / `.encode`, in fp32,
+outside autocast (autocast would run its convolutions in reduced precision).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+
+from ..components import DECODER, ENCODER, ComponentSpec
+from ..metrics import REL_L2_THRESHOLD, ErrorStats, compare, passes
+
+# Latent sizes (h, w) and batches: batch > 1, a non-square size, sizes not powers of two.
+DEFAULT_LATENT_SHAPES = ((2, 8, 8), (1, 10, 14), (1, 13, 7))
+
+
+@dataclass
+class CheckRow:
+    component: str
+    tensor: str
+    shape: tuple
+    stats: ErrorStats
+    ok: bool
+    backend: str = "onnxruntime"
+
+
+@dataclass
+class VerifyReport:
+    precision: str
+    rows: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    def as_dict(self) -> dict:
+        return {
+            "precision": self.precision,
+            "threshold_rel_l2": REL_L2_THRESHOLD[self.precision],
+            "passed": self.passed,
+            "checks": [
+                {"component": r.component, "tensor": r.tensor, "backend": r.backend, "shape": list(r.shape),
+                 **r.stats.as_dict(), "ok": r.ok}
+                for r in self.rows
+            ],
+        }
+
+    def table(self) -> Table:
+        t = Table(title=f"Accuracy vs PyTorch fp32 ({self.precision}: rel L2 ≤ {REL_L2_THRESHOLD[self.precision]:g}, "
+                        "no NaN/inf)")
+        for col in ("check", "backend", "input shape", "max abs", "rel L2", "PSNR dB", "NaN/inf", ""):
+            t.add_column(col, justify="left" if col in ("check", "backend", "input shape") else "right",
+                         no_wrap=True)
+        for r in self.rows:
+            psnr = "" if r.stats.psnr_db is None else f"{r.stats.psnr_db:.1f}"
+            t.add_row(r.tensor, r.backend, "×".join(map(str, r.shape)), f"{r.stats.max_abs:.3g}",
+                      f"{r.stats.rel_l2:.2e}", psnr, str(r.stats.nonfinite),
+                      "[green]ok[/]" if r.ok else "[red]FAIL[/]")
+        return t
+
+    def failures(self) -> list:
+        return [r for r in self.rows if not r.ok]
+
+
+def sample_latents(vae_config, batch: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """What a pipeline feeds decode: unit-variance latents divided by the scaling factor."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, vae_config["latent_channels"], h, w, generator=g)
+    return z / float(vae_config.get("scaling_factor", 1.0))
+
+
+def sample_images(batch: int, channels: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Smooth images in [-1, 1]: upsampled noise plus gradients, closer to photos than white noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, channels, max(height // 16, 2), max(width // 16, 2), generator=g) * 2 - 1
+    smooth = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    ramp = torch.linspace(-0.5, 0.5, width).view(1, 1, 1, width)
+    return (0.8 * smooth + ramp).clamp(-1, 1)
+
+
+@torch.no_grad()
+def reference(vae, component: str, x: torch.Tensor):
+    with torch.autocast("cpu", enabled=False):
+        if component == DECODER:
+            return vae.decode(x.float()).sample
+        return vae.encode(x.float()).latent_dist
+
+
+def verify_runtime(vae, runtime, specs: dict, precision: str, components=(DECODER, ENCODER),
+                   latent_shapes=DEFAULT_LATENT_SHAPES, report: VerifyReport | None = None) -> VerifyReport:
+    """Run `runtime` and the fp32 reference at several shapes; append one row per checked tensor."""
+    report = report or VerifyReport(precision)
+    config = vae.config
+    for i, (b, h, w) in enumerate(latent_shapes):
+        if DECODER in components:
+            z = sample_latents(config, b, h, w, seed=i)
+            out = runtime.decode(z).sample
+            _add(report, precision, specs[DECODER], "decoder sample", z.shape,
+                 compare(out, reference(vae, DECODER, z), image=True), runtime)
+        if ENCODER in components:
+            spec: ComponentSpec = specs[ENCODER]
+            f = spec.downscale
+            x = sample_images(b, spec.in_channels, h * f, w * f, seed=i)
+            dist = runtime.encode(x).latent_dist
+            ref = reference(vae, ENCODER, x)
+            _add(report, precision, spec, "encoder mean", x.shape, compare(dist.mean, ref.mean), runtime)
+            _add(report, precision, spec, "encoder logvar", x.shape, compare(dist.logvar, ref.logvar), runtime)
+    return report
+
+
+def _add(report, precision, spec, tensor, shape, stats, runtime):
+    report.rows.append(CheckRow(spec.name, tensor, tuple(shape), stats, passes(stats, precision),
+                                getattr(runtime, "backend", type(runtime).__name__)))

@@ -1,0 +1,116 @@
+"""manifest.json: the contract between the exporter and every consumer (Python, C++, Triton).
+
+Plain JSON, read without this package. Plan and ONNX files stay raw; everything a
+loader needs to know about them lives here, next to them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import TrtvaeError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FORMAT = "trtvae"
+
+
+class ManifestError(TrtvaeError, ValueError):
+    pass
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path in the destination's folder; rename it over `path` only on success.
+
+    A reader never sees a half-written file under the final name: the rename is atomic
+    on one file system, and an interrupted write leaves only a `.tmp` file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(directory, manifest: dict) -> Path:
+    path = Path(directory) / MANIFEST_NAME
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(directory) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(
+            f"{path} not found: {directory} is not a finished trtvae export "
+            f"(an export writes {MANIFEST_NAME} last, after verification). "
+            f"Run `vae-export --out {directory}` first."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path}: 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: schema_version {version!r} is not supported by this trtvae "
+            f"(expected {SCHEMA_VERSION}); re-export with this version of trtvae"
+        )
+    for key in ("components", "vae_config", "precision"):
+        if key not in manifest:
+            raise ManifestError(f"{path}: required key {key!r} is missing")
+    return manifest
+
+
+def component_file(directory, manifest: dict, component: str, key: str = "onnx", check_hash: bool = True) -> Path:
+    """Path of a component's file, after checking it exists and matches the manifest's sha256."""
+    entry = manifest["components"].get(component)
+    if entry is None or key not in entry:
+        raise ManifestError(
+            f"manifest has no {key!r} file for component {component!r}; it lists: {sorted(manifest['components'])}"
+        )
+    info = entry[key] if isinstance(entry[key], dict) else {"file": entry[key], "sha256": entry.get("sha256")}
+    path = Path(directory) / info["file"]
+    if not path.is_file():
+        raise ManifestError(f"{path} is listed in the manifest but missing")
+    if check_hash and info.get("sha256"):
+        actual = sha256_file(path)
+        if actual != info["sha256"]:
+            raise ManifestError(
+                f"{path}: sha256 {actual[:16]}… does not match the manifest's {info['sha256'][:16]}…; "
+                f"the file was changed or replaced after export. Re-export to rebuild it."
+            )
+    return path
+
+
+def referenced_files(manifest: dict) -> set:
+    """File names a manifest points at, so a re-export can remove stale ones."""
+    files = set()
+    for entry in manifest.get("components", {}).values():
+        if isinstance(entry.get("onnx"), str):
+            files.add(entry["onnx"])
+        files.update(v["file"] for v in entry.values() if isinstance(v, dict) and isinstance(v.get("file"), str))
+    return files

@@ -1,0 +1,77 @@
+"""ONNX Runtime backend: runs the exported ONNX files on CPU, or CUDA where onnxruntime-gpu is installed."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..manifest import component_file
+from .base import VaeRuntime
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(
+            "OrtVae needs ONNX Runtime: `pip install onnxruntime` (CPU) or `pip install onnxruntime-gpu` (CUDA)"
+        ) from e
+    return onnxruntime
+
+
+class OrtVae(VaeRuntime):
+    """The exported VAE on ONNX Runtime. Sessions are created on first use of each component."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, directory, manifest: dict, providers=None, session_options=None):
+        super().__init__(directory, manifest)
+        ort = _ort()
+        if self.dtype not in _NUMPY:
+            raise ValueError(
+                f"OrtVae runs fp32 and fp16 exports; this export is {manifest['precision']} "
+                "(ONNX Runtime has no bf16 convolution kernels): load it with TRTVae"
+            )
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.providers = list(providers)
+        self._session_options = session_options
+        self._sessions: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda") if self._on_cuda else torch.device("cpu")
+
+    @property
+    def _on_cuda(self) -> bool:
+        first = self.providers[0] if self.providers else None
+        return (first[0] if isinstance(first, tuple) else first) == "CUDAExecutionProvider"
+
+    def _session(self, component: str):
+        session = self._sessions.get(component)
+        if session is None:
+            path = component_file(self.directory, self.manifest, component)
+            session = _ort().InferenceSession(str(path), self._session_options, providers=self.providers)
+            self._sessions[component] = session
+        return session
+
+    def _run(self, component: str, x: torch.Tensor) -> torch.Tensor:
+        spec = self._specs[component]
+        session = self._session(component)
+        if x.is_cuda and self._on_cuda:
+            return self._run_cuda(session, spec, x)
+        y = session.run([spec.output_name], {spec.input_name: x.cpu().numpy()})[0]
+        return torch.from_numpy(y).to(x.device)
+
+    def _run_cuda(self, session, spec, x: torch.Tensor) -> torch.Tensor:
+        # Bind torch's buffers directly so CUDA tensors never round-trip through the host.
+        out = torch.empty(spec.output_shape(tuple(x.shape)), dtype=x.dtype, device=x.device)
+        binding = session.io_binding()
+        index = x.device.index or 0
+        binding.bind_input(spec.input_name, "cuda", index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
+        binding.bind_output(spec.output_name, "cuda", index, _NUMPY[out.dtype], tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(x.device).synchronize()  # ORT runs on its own stream
+        session.run_with_iobinding(binding)
+        return out
