@@ -5,7 +5,7 @@ every one that matters is set here explicitly.
 """
 from __future__ import annotations
 
-import gc
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -32,18 +32,29 @@ def example_input(spec: ComponentSpec, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _dynamic_shapes(spec: ComponentSpec) -> dict:
-    batch, lh, lw = Dim("batch"), Dim("latent_height"), Dim("latent_width")
+    # diffusers' Upsample2D calls .contiguous() on batches >= 64 (a no-op in the graph); without a bound
+    # torch.export reports that guard as a violation and the ONNX exporter falls back to a second,
+    # slower trace. The ONNX graph carries no range, so larger batches still run.
+    batch, lh, lw = Dim("batch", max=63), Dim("latent_height"), Dim("latent_width")
     if spec.downscale > 1:
         lh, lw = spec.downscale * lh, spec.downscale * lw
     return {spec.input_name: {0: batch, 2: lh, 3: lw}}
 
 
-def export_onnx(vae, spec: ComponentSpec, precision: str, path) -> onnx.ModelProto:
-    """Export `spec`'s component of `vae` in `precision` to `path` (atomically); return the checked model."""
+def export_onnx(vae, spec: ComponentSpec, precision: str, path, fp32_norm: bool = False) -> tuple:
+    """Export `spec`'s component of `vae` in `precision` to `path` (atomically).
+
+    Returns the checked model and the sha256 of the bytes written, hashed from memory so
+    a 100 MB graph is not read back from disk.
+    """
     dtype = TORCH_DTYPE[precision]
     # The exporter logs a warning per missing torchvision op; none of them are used here.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     module = component_module(vae, spec.name, dtype)
+    if fp32_norm:
+        from .fp32_norm import keep_norms_fp32
+
+        keep_norms_fp32(module)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -62,12 +73,12 @@ def export_onnx(vae, spec: ComponentSpec, precision: str, path) -> onnx.ModelPro
         )
     model = program.model_proto
     del program, module
-    gc.collect()
     _name_dims(model, spec)
-    check_graph(model, spec, precision)
+    data = model.SerializeToString()
+    check_graph(model, spec, precision, serialized=data)
     with atomic_path(path) as tmp:
-        onnx.save_model(model, str(tmp))
-    return model
+        tmp.write_bytes(data)
+    return model, hashlib.sha256(data).hexdigest()
 
 
 def _name_dims(model: onnx.ModelProto, spec: ComponentSpec) -> None:
@@ -96,15 +107,17 @@ def describe_io(values) -> list:
     ]
 
 
-def check_graph(model: onnx.ModelProto, spec: ComponentSpec, precision: str) -> None:
+def check_graph(model: onnx.ModelProto, spec: ComponentSpec, precision: str, serialized: bytes | None = None) -> None:
     """Reject a graph that a consumer could not rely on: checker, shapes, names, dims, ops, types, size."""
     where = f"{spec.name} ONNX"
-    size = model.ByteSize()
+    size = len(serialized) if serialized is not None else model.ByteSize()
     if size > MAX_PROTO_BYTES:
         raise ExportError(f"{where} is {size / 2**30:.2f} GiB, over the 2 GiB single-file limit")
+    # onnx's checks take bytes too; passing the serialized model once saves a re-serialization each.
+    data = serialized if serialized is not None else model.SerializeToString()
     try:
-        onnx.checker.check_model(model)
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        onnx.checker.check_model(data)
+        onnx.shape_inference.infer_shapes(data, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{where} fails onnx's checker: {e}") from e
     inputs, outputs = describe_io(model.graph.input), describe_io(model.graph.output)
@@ -123,8 +136,11 @@ def check_graph(model: onnx.ModelProto, spec: ComponentSpec, precision: str) -> 
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign or len(model.functions):
         raise ExportError(f"{where} uses non-standard ops or functions {foreign}; only plain ai.onnx is allowed")
-    # Resize's `scales` is float32 by the ONNX spec whatever the data type; everything else must match.
+    # Resize's `scales` is float32 by the ONNX spec whatever the data type; so are the unit scale and
+    # zero bias of an InstanceNormalization kept in fp32 by --fp32-norm (they must match its input's
+    # type). Everything else must match.
     scales = {n.input[2] for n in model.graph.node if n.op_type == "Resize" and len(n.input) > 2}
+    scales |= {i for n in model.graph.node if n.op_type == "InstanceNormalization" for i in n.input[1:]}
     wrong = sorted({_ONNX_TYPE_NAMES[t.data_type] for t in model.graph.initializer
                     if t.name not in scales and _ONNX_TYPE_NAMES.get(t.data_type, expected_type) != expected_type})
     if wrong:

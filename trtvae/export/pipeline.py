@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from .. import __version__
 from ..components import COMPONENTS, component_specs, spatial_factor
 from ..errors import OptionError, VerificationError
-from ..manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, read_manifest, referenced_files, sha256_file, \
+from ..manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, read_manifest, referenced_files, \
     write_manifest
 from .loading import DEFAULT_MODEL, load_vae
 from .onnx_export import export_onnx, onnx_entry
@@ -33,6 +32,9 @@ class ExportOptions:
     verify: bool = True
     allow_pickle: bool = False
     subfolder: str | None = None
+    # fp16 only: exact rescaling when the audit finds overflow; GroupNorm statistics in fp32.
+    rescale: bool = True
+    fp32_norm: bool = False
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -44,6 +46,8 @@ class ExportOptions:
             raise OptionError(f"--components {','.join(self.components)!r}: expected a subset of {','.join(COMPONENTS)}")
         if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
             raise OptionError(f"--out {self.out}: exists and is not a folder")
+        if self.fp32_norm and self.precision != "fp16":
+            raise OptionError(f"--fp32-norm applies to fp16 graphs; --precision is {self.precision}")
 
 
 def default_out(name: str) -> Path:
@@ -61,15 +65,23 @@ def run_export(opts: ExportOptions) -> Path:
     specs = component_specs(vae.config)
 
     manifest = _manifest_head(vae, loaded.source, opts.precision)
+    # `vae` stays the untouched fp32 reference for verify; `export_vae` may be a rescaled copy.
+    export_vae = vae
+    if opts.precision == "fp16":
+        from .fp16_safety import prepare_fp16
+
+        export_vae, manifest["fp16_safety"] = prepare_fp16(vae, opts.components, out, opts.rescale, opts.fp32_norm)
     for name in opts.components:
         path = out / f"{name}.onnx"
         with stage(f"export {name} ONNX ({opts.precision})") as info:
-            model = export_onnx(vae, specs[name], opts.precision, path)
+            model, digest = export_onnx(export_vae, specs[name], opts.precision, path,
+                                        fp32_norm=opts.fp32_norm and opts.precision == "fp16")
             info["path"] = path
         entry = onnx_entry(model, specs[name], opts.precision, path)
+        entry["sha256"] = digest
         del model
-        entry["sha256"] = sha256_file(path)
         manifest["components"][name] = entry
+    export_vae = None  # a rescaled copy is as large as the model; verify needs only the reference
 
     manifest["verify"] = _verify(vae, out, manifest, specs, opts) if opts.verify else {"status": "skipped"}
 
@@ -127,7 +139,8 @@ def _verify(vae, out: Path, manifest: dict, specs: dict, opts: ExportOptions) ->
         return {"status": "not_run", "reason": str(e)}
     report = VerifyReport(opts.precision)
     with stage("verify vs PyTorch fp32") as info:
-        verify_runtime(vae, runtime, specs, opts.precision, components=opts.components, report=report)
+        verify_runtime(vae, runtime, specs, opts.precision, components=opts.components, report=report,
+                       grid_path=out / "verify_decoder.png")
         info["detail"] = f"{len(report.rows)} checks"
     console.print(report.table())
     if not report.passed:

@@ -1,0 +1,92 @@
+"""Model sources: demo, diffusers folder, single .safetensors file, Hub id offline, pickle refusal."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from trtvae.errors import ModelLoadError
+from trtvae.export.loading import load_demo, load_vae, sdxl_vae_config
+from trtvae.manifest import sha256_file
+
+
+def test_demo_is_the_sdxl_architecture_and_deterministic():
+    a = load_demo()
+    assert sum(p.numel() for p in a.vae.parameters()) == 83_653_863
+    assert list(a.vae.config.block_out_channels) == [128, 256, 512, 512]
+    assert a.vae.config.scaling_factor == 0.13025
+    assert a.source["weights_sha256"] == load_demo().source["weights_sha256"]
+    assert a.source["weights_sha256"] != load_demo(seed=1).source["weights_sha256"]
+
+
+def test_folder_and_pipeline_folder(tiny_dir, tmp_path):
+    loaded = load_vae(str(tiny_dir))
+    assert loaded.source["kind"] == "folder"
+    assert loaded.vae.dtype == torch.float32
+    pipeline_root = tmp_path / "pipe"
+    (pipeline_root / "vae").mkdir(parents=True)
+    for f in tiny_dir.iterdir():
+        (pipeline_root / "vae" / f.name).write_bytes(f.read_bytes())
+    again = load_vae(str(pipeline_root))
+    assert again.source["weights_sha256"] == loaded.source["weights_sha256"]
+
+
+def test_single_safetensors_file_in_diffusers_keys(tmp_path):
+    demo = load_demo().vae
+    path = tmp_path / "my-sdxl-vae.safetensors"
+    save_file({k: v.half().contiguous() for k, v in demo.state_dict().items()}, str(path))
+    loaded = load_vae(str(path))
+    assert loaded.name == "my-sdxl-vae"
+    assert loaded.source == {"kind": "file", "model": str(path.resolve()), "weights_sha256": sha256_file(path)}
+    w = "decoder.conv_out.weight"
+    assert torch.equal(loaded.vae.state_dict()[w], demo.state_dict()[w].half().float())
+
+
+def test_single_file_of_another_architecture_is_refused_clearly(tmp_path, tiny_dir):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(load_file(tiny_dir / "diffusion_pytorch_model.safetensors"), str(path))
+    with pytest.raises(ModelLoadError, match="does not match the SDXL VAE architecture"):
+        load_vae(str(path))
+
+
+def test_pickle_checkpoints_are_refused(tmp_path, tiny_dir):
+    ckpt = tmp_path / "vae.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    with pytest.raises(ModelLoadError, match="pickle.*--allow-pickle"):
+        load_vae(str(ckpt))
+    folder = tmp_path / "binfolder"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_dir / "config.json").read_text())
+    torch.save({}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_vae(str(folder))
+
+
+def test_missing_path_is_reported():
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_vae("./no/such/vae.safetensors")
+
+
+def test_sdxl_config_is_shipped():
+    cfg = sdxl_vae_config()
+    assert cfg["force_upcast"] is False and cfg["latent_channels"] == 4
+
+
+def test_hub_unreachable_gives_one_line_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trtvae.cli", "--model", "someone/not-cached-vae", "--out", str(tmp_path / "o")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "someone/not-cached-vae" in errors[0] and "--model demo" in errors[0]
+    assert "HF_HUB_OFFLINE" in errors[0]
+    assert "Traceback" not in proc.stderr
