@@ -87,10 +87,10 @@ def test_interrupted_reexport_leaves_no_manifest(tmp_path, tiny_dir, monkeypatch
 
     real = pipeline.export_onnx
 
-    def fail_on_encoder(vae, spec, precision, path):
+    def fail_on_encoder(vae, spec, precision, path, **kwargs):
         if spec.name == "encoder":
             raise KeyboardInterrupt
-        return real(vae, spec, precision, path)
+        return real(vae, spec, precision, path, **kwargs)
 
     monkeypatch.setattr(pipeline, "export_onnx", fail_on_encoder)
     with pytest.raises(KeyboardInterrupt):

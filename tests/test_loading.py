@@ -90,3 +90,38 @@ def test_hub_unreachable_gives_one_line_error(tmp_path):
     assert "someone/not-cached-vae" in errors[0] and "--model demo" in errors[0]
     assert "HF_HUB_OFFLINE" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def _to_ldm_keys(state: dict, n_up: int) -> dict:
+    """diffusers → original (LDM) VAE key names, as in SD checkpoints and ComfyUI/A1111 VAE files."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2", k)
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
+                   lambda m: f"decoder.up.{n_up - 1 - int(m.group(1))}.block.{m.group(2)}", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
+                   lambda m: f"decoder.up.{n_up - 1 - int(m.group(1))}.upsample", k)
+        k = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k)
+        if "mid_block.attentions.0" in k:
+            k = k.replace("mid_block.attentions.0", "mid.attn_1").replace("group_norm", "norm")
+            k = re.sub(r"to_([qkv])\.", r"\1.", k).replace("to_out.0", "proj_out")
+            if value.ndim == 2:  # LDM keeps attention projections as 1×1 convolutions
+                value = value[:, :, None, None]
+        out["first_stage_model." + k] = value
+    return out
+
+
+def test_single_file_with_original_ldm_keys(tmp_path):
+    demo = load_demo().vae
+    state = {k: v.half().contiguous() for k, v in demo.state_dict().items()}
+    path = tmp_path / "sdxl_vae.safetensors"
+    save_file(_to_ldm_keys(state, n_up=4), str(path))
+    loaded = load_vae(str(path)).vae.state_dict()
+    assert loaded.keys() == state.keys()
+    for k in ("decoder.up_blocks.0.resnets.0.conv1.weight", "encoder.mid_block.attentions.0.to_q.weight",
+              "decoder.up_blocks.2.resnets.0.conv_shortcut.weight"):
+        assert torch.equal(loaded[k], state[k].float()), k

@@ -220,6 +220,8 @@ class _Checker:
         self._report(f"tensorrt.{attr}", line, guarded, lambda a: attr in a.top_level)
 
     def _check_member(self, cls: str, attr: str, line: int, guarded: bool) -> None:
+        if attr.startswith("__") and attr.endswith("__"):
+            return  # Python protocol names (__init__ of a subclassed trt.IProgressMonitor): not in the lists
         # versions without the class itself are not counted here (reported where the
         # class is named, e.g. trt.IAlgorithmSelector)
         self._report(f"{cls}.{attr}", line, guarded,

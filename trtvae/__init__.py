@@ -1,7 +1,7 @@
 """trtvae: the SDXL VAE (any diffusers AutoencoderKL) as ONNX and TensorRT, behind diffusers' API."""
 __version__ = "0.1.0"
 
-__all__ = ["OrtVae", "TRTVae", "VaeRuntime", "__version__"]
+__all__ = ["OrtVae", "TRTVae", "VaeRuntime", "attach", "__version__"]
 
 
 def __getattr__(name):
@@ -10,4 +10,10 @@ def __getattr__(name):
         from . import runtime
 
         return getattr(runtime, name)
+    if name == "attach":
+        # The module itself: it is callable (forwards to attach.attach), since importing it rebinds
+        # this name to the module anyway, so `trtvae.attach(pipe, DIR)` works however it was imported.
+        import importlib
+
+        return importlib.import_module(".attach", __name__)
     raise AttributeError(f"module 'trtvae' has no attribute {name!r}")

@@ -25,6 +25,23 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", default="decoder,encoder", help="comma-separated: decoder,encoder (default both)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="compare with the PyTorch fp32 reference and fail on a missed threshold (default on)")
+    p.add_argument("--no-rescale", dest="rescale", action="store_false",
+                   help="fp16: do not rescale activations exactly when the audit finds overflow "
+                   "(verify then fails on the NaNs)")
+    p.add_argument("--fp32-norm", action="store_true",
+                   help="fp16: keep GroupNorm statistics in fp32 inside the graph (Casts around them)")
+    g = p.add_argument_group("TensorRT engines (built where TensorRT and a CUDA GPU are present)")
+    g.add_argument("--engines", default="auto", choices=["auto", "required", "skip"],
+                   help="auto: build if possible, else say why not; required: fail without; skip: ONNX only")
+    g.add_argument("--batch", default="1-4", help="batch range MIN-MAX (default 1-4)")
+    g.add_argument("--resolution", default="512-1536", help="image side range in pixels MIN-MAX (default 512-1536)")
+    g.add_argument("--opt", type=int, default=None, help="image side the profile is tuned for (default 1024)")
+    g.add_argument("--static", default=None, metavar="WxH", help="one fixed image size instead of a range")
+    g.add_argument("--profile", action="append", default=[], metavar="SPEC",
+                   help="repeatable, one profile each: batch=1-4,resolution=512-1024,opt=768 or batch=1,static=1024x1024")
+    g.add_argument("--builder-optimization-level", type=int, default=3, help="TensorRT builder level 0-5 (default 3)")
+    g.add_argument("--workspace", type=float, default=8.0, metavar="GIB",
+                   help="TensorRT workspace cap in GiB (default 8); bounds build memory in the attention block")
     p.add_argument("--subfolder", default=None, help="subfolder of a Hub repo holding the VAE (e.g. vae)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt/.bin/.pt weights (pickle can run code: only for sources you trust)")
@@ -47,7 +64,8 @@ def main(argv=None) -> int:
         print("interrupted: no manifest was written, the output folder is not a finished export", file=sys.stderr)
         return 130
     finally:
-        print(f"total {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        if sys.exc_info()[0] is not SystemExit:  # not after --help or an argparse usage error
+            print(f"total {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 def _export(argv) -> int:
@@ -62,6 +80,16 @@ def _export(argv) -> int:
         verify=args.verify,
         allow_pickle=args.allow_pickle,
         subfolder=args.subfolder,
+        engines=args.engines,
+        batch=args.batch,
+        resolution=args.resolution,
+        opt=args.opt,
+        static=args.static,
+        profile=tuple(args.profile),
+        optimization_level=args.builder_optimization_level,
+        workspace_gib=args.workspace,
+        rescale=args.rescale,
+        fp32_norm=args.fp32_norm,
     )
     run_export(opts)
     return 0

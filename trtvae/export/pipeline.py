@@ -10,17 +10,23 @@ from pathlib import Path
 import diffusers
 import onnx
 import torch
+from rich.markup import escape
 
 from .. import __version__
 from ..components import COMPONENTS, component_specs, spatial_factor
 from ..errors import OptionError, VerificationError
 from ..manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, read_manifest, referenced_files, \
     write_manifest
+from ..profiles import make_profile, parse_profile_option
+from .engine import EngineOptions, build_engine, engines_unavailable_reason
 from .loading import DEFAULT_MODEL, load_vae
 from .onnx_export import export_onnx, onnx_entry
 from .precision import ONNX_DTYPE_NAME, PRECISIONS
 from .progress import console, stage
-from .verify import VerifyReport, verify_runtime
+from .verify import VerifyReport, verify_engines, verify_runtime
+
+
+ENGINE_MODES = ("auto", "required", "skip")
 
 
 @dataclass
@@ -32,6 +38,15 @@ class ExportOptions:
     verify: bool = True
     allow_pickle: bool = False
     subfolder: str | None = None
+    # TensorRT engines: auto (build where TensorRT and a GPU exist), required, or skip.
+    engines: str = "auto"
+    batch: str = "1-4"
+    resolution: str = "512-1536"
+    opt: int | None = None
+    static: str | None = None
+    profile: tuple = ()
+    optimization_level: int = 3
+    workspace_gib: float | None = 8.0
     # fp16 only: exact rescaling when the audit finds overflow; GroupNorm statistics in fp32.
     rescale: bool = True
     fp32_norm: bool = False
@@ -46,6 +61,32 @@ class ExportOptions:
             raise OptionError(f"--components {','.join(self.components)!r}: expected a subset of {','.join(COMPONENTS)}")
         if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
             raise OptionError(f"--out {self.out}: exists and is not a folder")
+        if self.engines not in ENGINE_MODES:
+            raise OptionError(f"--engines {self.engines!r}: expected one of {', '.join(ENGINE_MODES)}")
+        if self.engines != "skip":
+            self.image_profiles(factor=1)  # ranges and opt; multiples of the factor once the model is known
+            if not 0 <= self.optimization_level <= 5:
+                raise OptionError(f"--builder-optimization-level {self.optimization_level}: expected 0 to 5")
+            if self.workspace_gib is not None and self.workspace_gib <= 0:
+                raise OptionError(f"--workspace {self.workspace_gib}: expected a positive size in GiB")
+        if self.engines == "required":
+            reason = engines_unavailable_reason()
+            if reason:
+                raise OptionError(f"--engines required, but {reason}")
+
+    def image_profiles(self, factor: int) -> list:
+        if self.profile:
+            return [parse_profile_option(text, factor) for text in self.profile]
+        return [make_profile(factor, batch=self.batch, resolution=self.resolution, opt=self.opt, static=self.static)]
+
+    def profile_texts(self) -> list:
+        """The profiles as --profile values, for the rebuild command in the manifest."""
+        if self.profile:
+            return list(self.profile)
+        if self.static:
+            return [f"batch={self.batch},static={self.static}"]
+        opt = f",opt={self.opt}" if self.opt is not None else ""
+        return [f"batch={self.batch},resolution={self.resolution}{opt}"]
         if self.fp32_norm and self.precision != "fp16":
             raise OptionError(f"--fp32-norm applies to fp16 graphs; --precision is {self.precision}")
 
@@ -60,9 +101,11 @@ def run_export(opts: ExportOptions) -> Path:
         loaded = load_vae(opts.model, allow_pickle=opts.allow_pickle, subfolder=opts.subfolder)
         info["detail"] = f"{loaded.source['kind']}: {loaded.source['model']}"
     vae = loaded.vae
+    specs = component_specs(vae.config)
+    if opts.engines != "skip":
+        opts.image_profiles(spatial_factor(vae.config))  # sizes must be multiples of this model's factor
     out = Path(opts.out) if opts.out is not None else default_out(loaded.name)
     stale = _begin_rewrite(out)
-    specs = component_specs(vae.config)
 
     manifest = _manifest_head(vae, loaded.source, opts.precision)
     # `vae` stays the untouched fp32 reference for verify; `export_vae` may be a rescaled copy.
@@ -83,6 +126,8 @@ def run_export(opts: ExportOptions) -> Path:
         manifest["components"][name] = entry
     export_vae = None  # a rescaled copy is as large as the model; verify needs only the reference
 
+    _build_engines(out, manifest, specs, opts)
+
     manifest["verify"] = _verify(vae, out, manifest, specs, opts) if opts.verify else {"status": "skipped"}
 
     write_manifest(out, manifest)
@@ -92,6 +137,26 @@ def run_export(opts: ExportOptions) -> Path:
     console.print(f"[bold]Wrote {out / MANIFEST_NAME}[/]")
     _next_steps(out, manifest)
     return out
+
+
+def _build_engines(out: Path, manifest: dict, specs: dict, opts: ExportOptions) -> None:
+    if opts.engines == "skip":
+        return
+    names = ", ".join(opts.components)
+    reason = engines_unavailable_reason()
+    if reason:  # auto: the ONNX export stands on its own; say once what was not built and why
+        console.print(f"[yellow]! TensorRT engines not built ({names}):[/] {escape(reason)}")
+        return
+    factor = manifest["spatial_factor"]
+    options = EngineOptions(profiles=opts.image_profiles(factor), profile_options=opts.profile_texts(),
+                            optimization_level=opts.optimization_level, workspace_gib=opts.workspace_gib)
+    for name in opts.components:
+        plan = out / f"{name}.plan"
+        with stage(f"build {name} TensorRT engine") as info:
+            entry = build_engine(out / manifest["components"][name]["onnx"], plan, specs[name], factor,
+                                 opts.precision, options)
+            info["path"] = plan
+        manifest["components"][name]["engine"] = entry
 
 
 def _begin_rewrite(out: Path) -> set:
@@ -130,27 +195,55 @@ def _manifest_head(vae, source: dict, precision: str) -> dict:
 
 
 def _verify(vae, out: Path, manifest: dict, specs: dict, opts: ExportOptions) -> dict:
-    try:
-        from ..runtime.ort import OrtVae
+    from ..runtime.ort import OrtVae
 
-        runtime = OrtVae(out, manifest, providers=["CPUExecutionProvider"])
+    notes = []
+    try:
+        ort_cpu = OrtVae(out, manifest, providers=["CPUExecutionProvider"])
     except (ImportError, ValueError) as e:
-        console.print(f"[yellow]! verify not run:[/] {e}")
-        return {"status": "not_run", "reason": str(e)}
+        ort_cpu = None
+        notes.append(f"onnxruntime: {e}")
+    has_engines = any("engine" in c for c in manifest["components"].values())
+    if ort_cpu is None and not has_engines:
+        console.print(f"[yellow]! verify not run:[/] {notes[0]}")
+        return {"status": "not_run", "reason": notes[0]}
     report = VerifyReport(opts.precision)
     with stage("verify vs PyTorch fp32") as info:
-        verify_runtime(vae, runtime, specs, opts.precision, components=opts.components, report=report,
-                       grid_path=out / "verify_decoder.png")
+        if ort_cpu is not None:
+            verify_runtime(vae, ort_cpu, specs, opts.precision, components=opts.components, report=report,
+                           grid_path=out / "verify_decoder.png")
+        if has_engines:
+            from ..runtime.trt import TRTVae
+
+            ort_gpu = _ort_cuda(out, manifest, notes)
+            verify_engines(vae, TRTVae(out, manifest), specs, opts.precision, opts.components, report, ort_gpu)
         info["detail"] = f"{len(report.rows)} checks"
     console.print(report.table())
+    for note in notes:
+        console.print(f"[yellow]! not compared:[/] {note}")
     if not report.passed:
         worst = report.failures()[0]
         raise VerificationError(
-            f"{len(report.failures())} accuracy check(s) failed, e.g. {worst.tensor} at "
+            f"{len(report.failures())} accuracy check(s) failed, e.g. {worst.tensor} ({worst.backend}) at "
             f"{'×'.join(map(str, worst.shape))}: rel L2 {worst.stats.rel_l2:.2e}, {worst.stats.nonfinite} NaN/inf. "
-            f"No manifest was written; the ONNX files in {out} are left for inspection"
+            f"No manifest was written; the files in {out} are left for inspection"
         )
-    return {"status": "passed", **report.as_dict()}
+    return {"status": "passed", **report.as_dict(), **({"not_compared": notes} if notes else {})}
+
+
+def _ort_cuda(out: Path, manifest: dict, notes: list):
+    """ONNX Runtime on the GPU, to compare engines with at full size; None (noted) where it is missing."""
+    from ..runtime.ort import OrtVae
+
+    try:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise ImportError("TensorRT vs ONNX Runtime needs onnxruntime-gpu (CUDAExecutionProvider)")
+        return OrtVae(out, manifest, providers=["CUDAExecutionProvider"])
+    except (ImportError, ValueError) as e:
+        notes.append(str(e))
+        return None
 
 
 def _next_steps(out: Path, manifest: dict) -> None:

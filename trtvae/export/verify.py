@@ -91,16 +91,22 @@ def reference(vae, component: str, x: torch.Tensor):
 
 
 def verify_runtime(vae, runtime, specs: dict, precision: str, components=(DECODER, ENCODER),
-                   latent_shapes=DEFAULT_LATENT_SHAPES, report: VerifyReport | None = None) -> VerifyReport:
-    """Run `runtime` and the fp32 reference at several shapes; append one row per checked tensor."""
+                   latent_shapes=DEFAULT_LATENT_SHAPES, report: VerifyReport | None = None,
+                   grid_path=None) -> VerifyReport:
+    """Run `runtime` and the fp32 reference at several shapes; append one row per checked tensor.
+
+    With `grid_path`, also draw the decoder's first image per shape: reference, result, difference.
+    """
     report = report or VerifyReport(precision)
     config = vae.config
+    grid = []
     for i, (b, h, w) in enumerate(latent_shapes):
         if DECODER in components:
             z = sample_latents(config, b, h, w, seed=i)
             out = runtime.decode(z).sample
-            _add(report, precision, specs[DECODER], "decoder sample", z.shape,
-                 compare(out, reference(vae, DECODER, z), image=True), runtime)
+            ref = reference(vae, DECODER, z)
+            _add(report, precision, specs[DECODER], "decoder sample", z.shape, compare(out, ref, image=True), runtime)
+            grid.append(("latent " + "×".join(map(str, z.shape)), ref[0].float().numpy(), out[0].float().cpu().numpy()))
         if ENCODER in components:
             spec: ComponentSpec = specs[ENCODER]
             f = spec.downscale
@@ -109,9 +115,53 @@ def verify_runtime(vae, runtime, specs: dict, precision: str, components=(DECODE
             ref = reference(vae, ENCODER, x)
             _add(report, precision, spec, "encoder mean", x.shape, compare(dist.mean, ref.mean), runtime)
             _add(report, precision, spec, "encoder logvar", x.shape, compare(dist.logvar, ref.logvar), runtime)
+    if grid_path is not None and grid:
+        from .plots import plot_verify_grid
+
+        plot_verify_grid(grid_path, grid, title=f"decoder: PyTorch fp32 vs {report.precision} "
+                                                f"({getattr(runtime, 'backend', type(runtime).__name__)})")
     return report
 
 
 def _add(report, precision, spec, tensor, shape, stats, runtime):
     report.rows.append(CheckRow(spec.name, tensor, tuple(shape), stats, passes(stats, precision),
                                 getattr(runtime, "backend", type(runtime).__name__)))
+
+
+def verify_engines(vae, trt_vae, specs: dict, precision: str, components, report: VerifyReport, ort_vae=None):
+    """TensorRT at min, opt, max and off-grid shapes of every profile, vs PyTorch fp32 (and ONNX Runtime).
+
+    The reference runs on the engine's GPU in fp32: a 1536² decode on the CPU would take minutes.
+    """
+    import copy
+
+    from ..profiles import verify_shapes
+
+    device = trt_vae.device
+    ref_vae = copy.deepcopy(vae).to(device)
+    config = vae.config
+    for name in components:
+        spec = specs[name]
+        for p, shapes in enumerate(trt_vae._profiles.get(name, [])):
+            for i, shape in enumerate(verify_shapes(shapes, spec.input_multiple)):
+                b, _, h, w = shape
+                if name == DECODER:
+                    x = sample_latents(config, b, h, w, seed=100 + i).to(device)
+                    out = trt_vae.decode(x).sample
+                    _add(report, precision, spec, f"decoder sample p{p}", x.shape,
+                         compare(out, reference(ref_vae, name, x), image=True), trt_vae)
+                    if ort_vae is not None:
+                        _add(report, precision, spec, f"decoder vs ORT p{p}", x.shape,
+                             compare(out, ort_vae.decode(x).sample, image=True), trt_vae)
+                else:
+                    x = sample_images(b, spec.in_channels, h, w, seed=100 + i).to(device)
+                    dist = trt_vae.encode(x).latent_dist
+                    ref = reference(ref_vae, name, x)
+                    _add(report, precision, spec, f"encoder mean p{p}", x.shape, compare(dist.mean, ref.mean), trt_vae)
+                    _add(report, precision, spec, f"encoder logvar p{p}", x.shape,
+                         compare(dist.logvar, ref.logvar), trt_vae)
+                    if ort_vae is not None:
+                        _add(report, precision, spec, f"encoder vs ORT p{p}", x.shape,
+                             compare(dist.mean, ort_vae.encode(x).latent_dist.mean), trt_vae)
+    del ref_vae
+    return report

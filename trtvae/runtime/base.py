@@ -15,11 +15,13 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 from ..components import DECODER, ENCODER, ComponentSpec, component_specs, spatial_factor
 from ..manifest import read_manifest
+from .compat import ModuleHabitsMixin
+from .tiling import TilingMixin
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class VaeRuntime:
+class VaeRuntime(TilingMixin, ModuleHabitsMixin):
     """What `OrtVae` and `TRTVae` share. Construct through `from_pretrained(DIR)`."""
 
     backend = "base"
@@ -35,6 +37,7 @@ class VaeRuntime:
         self.config = FrozenDict(config)
         self.dtype: torch.dtype = TORCH_DTYPES[manifest["io_dtype"]]
         self.spatial_factor = spatial_factor(config)
+        self._init_tiling()
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs):
@@ -68,14 +71,16 @@ class VaeRuntime:
     def _forward(self, component: str, x) -> torch.Tensor:
         spec = self._specs[component]
         x = self._validate(spec, x)
-        limit = self._max_batch(component, tuple(x.shape))
-        if limit is None or x.shape[0] <= limit:
-            return self._run(component, x)
-        # Larger batches than a profile allows are run in chunks rather than refused.
-        return torch.cat([self._run(component, chunk.contiguous()) for chunk in x.split(limit)], dim=0)
+        # Slicing, tiling (asked for, or forced by `_spatial_limits`), min-size padding and
+        # `_max_batch` chunking live in tiling.py.
+        return self._sliced_forward(component, x)
 
     def _max_batch(self, component: str, shape: tuple) -> int | None:
         """Largest batch the backend runs at once for this shape; None for no limit."""
+        return None
+
+    def _spatial_limits(self, component: str):
+        """((min_h, min_w), (max_h, max_w)) of the input the backend accepts, in input pixels; None for any."""
         return None
 
     def _run(self, component: str, x: torch.Tensor) -> torch.Tensor:

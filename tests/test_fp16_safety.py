@@ -1,0 +1,291 @@
+"""fp16 safety, proved on a planted overflow: audit, exact rescaling, --no-rescale, --fp32-norm, pictures.
+
+The plant: scale a tiny VAE's residual streams and ResNet inner activations up by exact
+powers of two (the rescaling itself, inverted). fp32 outputs stay bit-identical; fp16
+overflows, as in the original SDXL VAE.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import make_tiny_vae
+from trtvae.errors import ExportError, VerificationError
+from trtvae.export.audit import FP16_MAX, run_audit
+from trtvae.export.calibration import calibration_inputs
+from trtvae.export.fp16_safety import prepare_fp16, rescale
+from trtvae.export.fp32_norm import Fp32StatsGroupNorm, keep_norms_fp32
+from trtvae.export.pipeline import ExportOptions, run_export
+from trtvae.export.rescale import ACT_TARGET, RescaleError, choose_exponents, plan_for, rescaled_copy
+from trtvae.manifest import MANIFEST_NAME
+from trtvae.metrics import compare
+
+COMPONENTS = ("decoder", "encoder")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def plant_exponents(plans) -> dict:
+    # 2^15..2^17: the tiny model's activations (≈1-10) land at 3e4-1e6, well past 65504.
+    return {var: 15 + i % 3 for plan in plans.values() for i, var in enumerate(plan.members)}
+
+
+def _opts(**kw) -> ExportOptions:
+    if "engines" in ExportOptions.__dataclass_fields__:
+        kw.setdefault("engines", "skip")  # TensorRT is not what is tested here
+    return ExportOptions(precision="fp16", **kw)
+
+
+def _decode(vae, z):
+    with torch.no_grad():
+        return vae.decode(z).sample
+
+
+def _encode(vae, x):
+    with torch.no_grad():
+        return vae.encode(x).latent_dist.mean
+
+
+def _ort(path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy().astype(np.float16)})[0]
+
+
+def _weights(vae) -> dict:
+    return {k: v.clone() for k, v in vae.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def original():
+    return make_tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def planted(original):
+    plans = {c: plan_for(original, c) for c in COMPONENTS}
+    return rescaled_copy(original, plans, plant_exponents(plans))
+
+
+@pytest.fixture(scope="module")
+def planted_dir(planted, tmp_path_factory):
+    path = tmp_path_factory.mktemp("planted_vae")
+    planted.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibration(original):
+    return calibration_inputs(original, COMPONENTS)
+
+
+@pytest.fixture(scope="module")
+def audits(original, planted, calibration):
+    return run_audit(original, COMPONENTS, calibration), run_audit(planted, COMPONENTS, calibration)
+
+
+@pytest.fixture(scope="module")
+def no_rescale_dir(planted_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("planted_no_rescale")
+    with pytest.raises(VerificationError):
+        run_export(_opts(model=str(planted_dir), out=out, rescale=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rescaled_dir(planted_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("planted_rescaled")
+    run_export(_opts(model=str(planted_dir), out=out))
+    return out
+
+
+# -- the plant ---------------------------------------------------------------------------------
+
+def test_planting_keeps_fp32_outputs_identical_and_moves_the_maxima(original, planted, audits):
+    z = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(1)) / 0.5
+    x = torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    # Powers of two and eps × scale²: bit-identical, not merely close.
+    assert torch.equal(_decode(planted, z), _decode(original, z))
+    assert torch.equal(_encode(planted, x), _encode(original, x))
+    before, after = audits
+    assert before.fp16_safe and before.worst.max_abs < 100
+    assert after.worst.max_abs > FP16_MAX
+
+
+# -- audit ---------------------------------------------------------------------------------------
+
+def test_audit_flags_the_planted_layers_and_only_those(audits, planted, original):
+    safe, unsafe = audits
+    assert not unsafe.fp16_safe and unsafe.margin_bits < 0
+    assert unsafe.recommendation == "rescale" and unsafe.rescale_possible
+    exps = plant_exponents({c: plan_for(original, c) for c in COMPONENTS})
+    by_name = {s.name: s for s in safe.layers}
+    over = {s.name for s in unsafe.over()}
+    for s in unsafe.layers:
+        ref = by_name[s.name]
+        factor = 2.0 ** exps.get(s.scale_group, 0) if s.scale_group else 1.0
+        # Each layer moved by exactly its planted factor; fixed ones (norm outputs, q/k/v, conv_out) not at all.
+        assert s.max_abs == pytest.approx(ref.max_abs * factor, rel=1e-5), s.name
+        assert (s.name in over) == (s.max_abs * 2 > FP16_MAX), s.name
+    assert {"decoder.conv_in", "decoder.mid_block.attentions.0", "encoder.mid_block.resnets.1"} <= over
+    assert not any(s.scale_group is None for s in unsafe.over())
+    # GroupNorm inputs scale with their stream: their variance sees the factor squared.
+    norm = by_name["decoder.mid_block.resnets.0.norm1"]
+    planted_norm = next(s for s in unsafe.layers if s.name == norm.name)
+    assert planted_norm.norm_sq_max == pytest.approx(norm.norm_sq_max * 4.0 ** exps["decoder.conv_in"], rel=1e-4)
+    assert all(s.scale_group is None for s in unsafe.layers if s.kind in ("norm", "scores"))
+
+
+def test_cli_audit_writes_json_and_plot(planted_dir, tmp_path):
+    from trtvae.cli import main
+
+    path = tmp_path / "audit.json"
+    assert main(["audit", "--model", str(planted_dir), "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["fp16_safe"] is False and report["recommendation"] == "rescale"
+    assert report["layers"] and all({"name", "max_abs", "margin_bits"} <= set(x) for x in report["layers"])
+    assert max(x["max_abs"] for x in report["layers"]) > FP16_MAX
+    assert path.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+# -- without the fix ------------------------------------------------------------------------------
+
+def test_fp16_onnx_of_planted_model_overflows_on_onnxruntime(no_rescale_dir, original):
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)) / 0.5
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    assert not np.isfinite(_ort(no_rescale_dir / "decoder.onnx", z)).all()
+    assert not np.isfinite(_ort(no_rescale_dir / "encoder.onnx", x)).all()
+
+
+def test_no_rescale_export_fails_verify_and_writes_no_manifest(no_rescale_dir):
+    assert not (no_rescale_dir / MANIFEST_NAME).exists()
+    # The pictures say why: the grid shows the NaNs, the audit where they come from.
+    assert (no_rescale_dir / "verify_decoder.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((no_rescale_dir / "fp16_audit.json").read_text())["fp16_safe"] is False
+
+
+# -- with the fix ------------------------------------------------------------------------------
+
+def test_rescale_is_exact_and_brings_maxima_inside_fp16(planted, audits, calibration):
+    weights = _weights(planted)
+    done = rescale(planted, audits[1], calibration)
+    assert done.rel_error <= 1e-5
+    assert done.after.fp16_safe and done.after.worst.max_abs <= ACT_TARGET
+    assert done.after.worst.max_abs > ACT_TARGET / 2 ** 4  # not pushed towards subnormals
+    assert all(torch.equal(v, planted.state_dict()[k]) for k, v in weights.items())  # caller's model untouched
+    assert done.vae is not planted
+
+
+def test_export_rescales_automatically_and_is_accurate_on_onnxruntime(rescaled_dir, original):
+    manifest = json.loads((rescaled_dir / MANIFEST_NAME).read_text())
+    safety = manifest["fp16_safety"]
+    assert safety["audit"]["fp16_safe"] is False
+    assert safety["rescale"]["applied"] is True
+    assert safety["rescale"]["max_abs_before"] > FP16_MAX >= ACT_TARGET >= safety["rescale"]["max_abs_after"]
+    assert safety["rescale"]["fp32_rel_l2_vs_original"] <= 1e-5
+    assert manifest["verify"]["status"] == "passed"
+    z = torch.randn(2, 4, 9, 7, generator=torch.Generator().manual_seed(5)) / 0.5
+    x = torch.rand(1, 3, 18, 26, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    dec = compare(_ort(rescaled_dir / "decoder.onnx", z), _decode(original, z))
+    with torch.no_grad():
+        params = original.quant_conv(original.encoder(x))
+    enc = compare(_ort(rescaled_dir / "encoder.onnx", x), params)
+    for stats in (dec, enc):
+        assert stats.nonfinite == 0 and stats.rel_l2 <= 1e-2
+
+
+def test_export_writes_audit_and_verify_pictures(rescaled_dir):
+    for name in ("fp16_audit.png", "verify_decoder.png"):
+        data = (rescaled_dir / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and 5_000 < len(data) < 1_000_000
+    report = json.loads((rescaled_dir / "fp16_audit.json").read_text())
+    assert report["after_rescale"]["fp16_safe"] is True
+    assert report["after_rescale"]["layers"][0]["name"]
+
+
+@pytest.mark.slow
+def test_rescale_is_a_noop_on_the_safe_sdxl_demo():
+    from trtvae.export.loading import load_demo
+
+    vae = load_demo().vae
+    weights = _weights(vae)
+    exported, record = prepare_fp16(vae, COMPONENTS, out=None)
+    assert exported is vae and record["audit"]["fp16_safe"] is True and record["rescale"]["applied"] is False
+    audit = run_audit(vae, ("decoder",), calibration_inputs(vae, ("decoder",), latent_sizes=((4, 4),)))
+    assert choose_exponents(audit.plans, audit.peaks()) == {}
+    copy_ = rescaled_copy(vae, audit.plans, {})
+    assert all(torch.equal(v, copy_.state_dict()[k]) for k, v in weights.items())
+    assert [m.eps for m in copy_.modules() if isinstance(m, torch.nn.GroupNorm)] == \
+           [m.eps for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+
+
+# -- fp32-norm fallback ----------------------------------------------------------------------------
+
+def test_fp32_norm_export_keeps_norms_in_fp32_and_is_accurate(planted_dir, original, tmp_path):
+    out = tmp_path / "fp32norm"
+    run_export(_opts(model=str(planted_dir), out=out, fp32_norm=True, components=("decoder",)))
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["fp16_safety"]["fp32_norm"] is True and manifest["verify"]["status"] == "passed"
+    model = onnx.shape_inference.infer_shapes(onnx.load(out / "decoder.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    norms = [n for n in model.graph.node if n.op_type == "InstanceNormalization"]
+    assert norms and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in norms)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    # Real weights stay fp16; only InstanceNormalization's unit scale / zero bias are fp32.
+    fp32 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    allowed = {i for n in norms for i in n.input[1:]} | {n.input[2] for n in model.graph.node if n.op_type == "Resize"}
+    assert fp32 <= allowed
+    z = torch.randn(1, 4, 11, 5, generator=torch.Generator().manual_seed(7)) / 0.5
+    stats = compare(_ort(out / "decoder.onnx", z), _decode(original, z))
+    assert stats.nonfinite == 0 and stats.rel_l2 <= 1e-2
+
+
+def test_fp32_stats_groupnorm_matches_groupnorm_and_survives_large_inputs():
+    torch.manual_seed(0)
+    gn = torch.nn.GroupNorm(4, 16)
+    gn.weight.data.normal_()
+    gn.bias.data.normal_()
+    patched = torch.nn.Sequential(torch.nn.GroupNorm(4, 16))
+    patched[0].load_state_dict(gn.state_dict())
+    assert keep_norms_fp32(patched) == 1 and isinstance(patched[0], Fp32StatsGroupNorm)
+    x = torch.randn(2, 16, 5, 7)
+    torch.testing.assert_close(patched(x), gn(x), rtol=1e-5, atol=1e-5)
+    big = (x * 3000).half()  # squares reach 1e8: over fp16 if the statistics were kept in fp16
+    y = patched.half()(big)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), gn(big.float()), rtol=0, atol=1e-2)
+
+
+# -- what the rewrite refuses ----------------------------------------------------------------------
+
+def test_unknown_architecture_is_refused_with_a_clear_message(planted):
+    class OddProcessor:
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    odd = make_tiny_vae()
+    odd.decoder.mid_block.attentions[0].set_processor(OddProcessor())
+    with pytest.raises(RescaleError, match="bf16 or fp32"):
+        plan_for(odd, "decoder")
+    # An overflowing model the rewrite cannot handle: fp16 export stops before writing a graph.
+    odd_planted = rescaled_copy(planted, {}, {})
+    odd_planted.decoder.mid_block.attentions[0].set_processor(OddProcessor())
+    with pytest.raises(ExportError, match="bf16 or fp32"):
+        prepare_fp16(odd_planted, ("decoder",), out=None)
+
+
+def test_scale_choice_only_scales_down_by_powers_of_two(original, audits):
+    plans = {c: plan_for(original, c) for c in COMPONENTS}
+    peaks = {k: v * 2 ** 20 for k, v in audits[0].peaks().items()}
+    exps = choose_exponents(plans, peaks)
+    assert exps and all(isinstance(e, int) and e < 0 for e in exps.values())
+    for var, e in exps.items():
+        members = [m for plan in plans.values() for m in plan.members.get(var, [])]
+        peak = max(peaks.get(m, 0.0) for m in members)
+        assert ACT_TARGET / 2 < peak * 2.0 ** e <= ACT_TARGET
+    assert choose_exponents(plans, audits[0].peaks()) == {}
+    assert math.isfinite(audits[0].margin_bits)

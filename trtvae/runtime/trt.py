@@ -1,0 +1,167 @@
+"""TensorRT backend: runs the plan files named in the manifest on torch CUDA tensors, with no host copies.
+
+Kept thin: everything that can be decided without TensorRT (profile choice, batch limits,
+compatibility, context sharing) lives in pure-Python modules beside this one.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ..manifest import component_file
+from ..profiles import describe_ranges, max_batch, select_profile, spatial_limits
+from .base import VaeRuntime
+from .contexts import ContextPool
+from .engine_check import EngineMismatchError, check_engine, input_profiles, rebuild_command
+
+
+trt = None  # the tensorrt module, imported when a TRTVae is made: `import trtvae` must work without it
+
+
+def import_tensorrt():
+    global trt
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise ImportError(
+            "TRTVae needs TensorRT 10.x or 11.x with a CUDA GPU: `pip install tensorrt` (or tensorrt-cu12 / "
+            "tensorrt-cu13 to match your CUDA). OrtVae runs the same export folder without it."
+        ) from e
+    return trt
+
+
+@dataclass
+class _Slot:
+    """One execution context bound to one profile, with the device memory it was last sized for."""
+
+    context: object
+    memory: torch.Tensor | None = None
+    graphs: dict = field(default_factory=dict)
+
+
+class TRTVae(VaeRuntime):
+    """The exported VAE as TensorRT engines. Same API as OrtVae (and diffusers' AutoencoderKL).
+
+    Thread safety: one execution context per (component, profile), each behind a lock, so
+    concurrent calls are correct; calls on the same engine and profile run one at a time.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, directory, manifest: dict, device="cuda", cuda_graphs: bool = False):
+        super().__init__(directory, manifest)
+        import_tensorrt()
+        if not torch.cuda.is_available():
+            raise RuntimeError("TRTVae needs a CUDA GPU and torch sees none; OrtVae runs this folder on the CPU")
+        self._device = torch.device(device)
+        if self._device.index is None:
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        major, minor = torch.cuda.get_device_capability(self._device)
+        entries = {name: c["engine"] for name, c in manifest["components"].items() if "engine" in c}
+        if not entries:
+            raise EngineMismatchError(
+                f"{directory} has no TensorRT engines (it was exported where TensorRT or a GPU was missing). "
+                f"Build them: {rebuild_command(manifest, directory)}"
+            )
+        for name, entry in entries.items():  # before any plan is deserialized
+            check_engine(name, entry, trt.__version__, f"{major}.{minor}", manifest, directory)
+        self._profiles = {name: input_profiles(entry, self._specs[name].input_name) for name, entry in entries.items()}
+        self.cuda_graphs = cuda_graphs
+        self._trt_logger = trt.Logger(trt.Logger.WARNING)
+        self._engines: dict = {}
+        self._engine_lock = threading.Lock()
+        self._pool = ContextPool(self._new_slot)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # --- hooks used by the shared base -----------------------------------------------
+    def _max_batch(self, component: str, shape: tuple):
+        return max_batch(self._profiles[component], shape) if component in self._profiles else None
+
+    def _spatial_limits(self, component: str):
+        return spatial_limits(self._profiles[component]) if component in self._profiles else None
+
+    def _run(self, component: str, x: torch.Tensor) -> torch.Tensor:
+        spec = self._specs[component]
+        if component not in self._profiles:
+            raise ValueError(f"this export has no {component} engine; it has: {sorted(self._profiles)}")
+        shape = tuple(x.shape)
+        index = select_profile(self._profiles[component], shape)
+        if index is None:
+            raise ValueError(
+                f"{component} input {spec.input_name!r}: shape {shape} is outside every engine profile "
+                f"({describe_ranges(self._profiles[component])}); enable tiling or rebuild with a wider --profile"
+            )
+        source_device = x.device
+        x = x.to(self._device, non_blocking=True)
+        out = torch.empty(spec.output_shape(shape), dtype=self.dtype, device=self._device)
+        stream = torch.cuda.current_stream(self._device)
+        with self._pool.acquire((component, index)) as slot:
+            if self.cuda_graphs:
+                self._replay(slot, spec, x, out, stream)
+            else:
+                self._enqueue(slot, spec, x, out, stream)
+        return out.to(source_device)
+
+    # --- TensorRT calls ----------------------------------------------------------------
+    def _engine(self, component: str):
+        with self._engine_lock:
+            engine = self._engines.get(component)
+            if engine is None:
+                path = component_file(self.directory, self.manifest, component, key="engine")  # sha256 checked
+                runtime = trt.Runtime(self._trt_logger)
+                runtime.engine_host_code_allowed = False  # a plan is code: never run host code from one
+                engine = runtime.deserialize_cuda_engine(path.read_bytes())
+                if engine is None:
+                    raise EngineMismatchError(
+                        f"TensorRT could not deserialize {path} (see its log above). "
+                        f"Rebuild: {rebuild_command(self.manifest, self.directory)}"
+                    )
+                self._engines[component] = engine
+        return engine
+
+    def _new_slot(self, key) -> _Slot:
+        component, index = key
+        engine = self._engine(component)
+        # USER_MANAGED: device memory is sized per call for the shapes in use, not the profile max.
+        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for the {component} engine")
+        context.set_optimization_profile_async(index, torch.cuda.current_stream(self._device).cuda_stream)
+        return _Slot(context)
+
+    def _enqueue(self, slot: _Slot, spec, x: torch.Tensor, out: torch.Tensor, stream) -> None:
+        context = slot.context
+        if not context.set_input_shape(spec.input_name, tuple(x.shape)):
+            raise ValueError(f"TensorRT refused shape {tuple(x.shape)} for {spec.input_name!r}")
+        need = context.update_device_memory_size_for_shapes()
+        if slot.memory is None or slot.memory.numel() < need:
+            slot.memory = torch.empty(max(need, 1), dtype=torch.uint8, device=self._device)
+            context.device_memory = slot.memory.data_ptr()
+            slot.graphs.clear()  # captured graphs point at the old buffer
+        context.set_tensor_address(spec.input_name, x.data_ptr())
+        context.set_tensor_address(spec.output_name, out.data_ptr())
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution failed for {spec.name} at shape {tuple(x.shape)}")
+
+    def _replay(self, slot: _Slot, spec, x: torch.Tensor, out: torch.Tensor, stream) -> None:
+        """CUDA graph per shape: the first call runs normally and captures, later calls replay."""
+        shape = tuple(x.shape)
+        captured = slot.graphs.get(shape)
+        if captured is None:
+            static_in, static_out = x.clone(), torch.empty_like(out)
+            self._enqueue(slot, spec, static_in, static_out, stream)  # sizes memory and warms kernels up
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                if not slot.context.execute_async_v3(torch.cuda.current_stream(self._device).cuda_stream):
+                    raise RuntimeError(f"TensorRT execution failed while capturing {spec.name} at {shape}")
+            captured = slot.graphs[shape] = (graph, static_in, static_out)
+        graph, static_in, static_out = captured
+        slot.context.set_input_shape(spec.input_name, shape)
+        static_in.copy_(x)
+        graph.replay()
+        out.copy_(static_out)
