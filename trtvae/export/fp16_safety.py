@@ -51,6 +51,9 @@ def rescale(vae, audit: AuditResult, calibration: dict, target: float = ACT_TARG
     if rel > RESCALE_TOLERANCE:
         raise ExportError(f"the rescaled model's fp32 outputs differ from the original's by {rel:.2e} "
                           f"(relative L2, limit {RESCALE_TOLERANCE:g}); export with --precision bf16 or fp32")
+    if not after.fp16_safe:  # every overflowing tensor had a scale, so this means a plan bug: never export it
+        raise ExportError(f"rescaling left {after.worst.name} at {after.worst.max_abs:.4g}; "
+                          "export with --precision bf16 or fp32")
     summary = {
         "applied": True,
         "target_max_abs": target,

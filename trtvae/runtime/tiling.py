@@ -5,7 +5,8 @@ results match diffusers' on the same weights and tile settings. Two differences,
 visible in the result: rows are blended as soon as they are run (only the previous row is
 kept), and the output is written into one preallocated tensor, so memory is the output plus
 two rows of tiles rather than every tile at once. A backend whose engine accepts a bounded
-size range (`_spatial_limits`) is tiled automatically above its max and padded below its min.
+size range (`_spatial_limits`) is tiled automatically above its max; tiles below its min are
+widened back into the input, and only an input smaller than the min is padded.
 """
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ class TilePlan:
     stride: int
     blend: int
     keep: int
+
+
+def _widen(start: int, end: int, least: int, size: int) -> tuple[int, int]:
+    """A window of at least `least` within [0, size) holding [start, end): backwards first, where an edge
+    tile's neighbours are. Ends stay on the input grid when start, end, least and size are on it."""
+    if end - start >= least:
+        return start, end
+    lo = max(0, end - least)
+    return lo, min(size, lo + least)
 
 
 class TilingMixin:
@@ -141,8 +151,7 @@ class TilingMixin:
         out = torch.empty((x.shape[0], spec.out_channels, sum(rows), sum(cols)), dtype=x.dtype, device=x.device)
         above, y = None, 0
         for i, height in zip(starts_y, rows):
-            row = [self._run_padded(component, x[:, :, i:i + plan.tile, j:j + plan.tile].contiguous())
-                   for j in starts_x]
+            row = [self._run_tile(component, x, i, j, plan.tile) for j in starts_x]
             xpos = 0
             for j, tile in enumerate(row):
                 # Same order of in-place blends as diffusers: vertical with the blended tile above, then
@@ -159,15 +168,40 @@ class TilingMixin:
             above = row
         return out
 
-    def _run_padded(self, component: str, x: torch.Tensor) -> torch.Tensor:
-        """Run `x`, padded up to the backend's min size (edge-replicated) and cropped back."""
+    def _min_size(self, component: str) -> tuple[int, int] | None:
         limits = self._spatial_limits(component)
         if limits is None:
+            return None
+        m = self._specs[component].input_multiple
+        return tuple(-(-v // m) * m for v in limits[0])
+
+    def _run_tile(self, component: str, x: torch.Tensor, i: int, j: int, tile: int) -> torch.Tensor:
+        """The tile x[i:i+tile, j:j+tile]; one below the backend's min is widened into the input around it.
+
+        Real neighbouring pixels, cropped off afterwards, disturb the tile far less than padding would:
+        a 64-px edge tile padded to a 512-px min would be mostly replicated border.
+        """
+        spec = self._specs[component]
+        h, w = x.shape[-2:]
+        i1, j1 = min(i + tile, h), min(j + tile, w)
+        least = self._min_size(component)
+        if least is None:
+            return self._run_padded(component, x[:, :, i:i1, j:j1].contiguous())
+        (a, b), (c, d) = _widen(i, i1, least[0], h), _widen(j, j1, least[1], w)
+        y = self._run_padded(component, x[:, :, a:b, c:d].contiguous())
+        if (a, b, c, d) == (i, i1, j, j1):
+            return y
+        up, down = spec.upscale, spec.downscale
+        return y[:, :, (i - a) * up // down:(i1 - a) * up // down, (j - c) * up // down:(j1 - c) * up // down]
+
+    def _run_padded(self, component: str, x: torch.Tensor) -> torch.Tensor:
+        """Run `x`, padded up to the backend's min size (edge-replicated) and cropped back."""
+        least = self._min_size(component)
+        if least is None:
             return self._run_batches(component, x)
         spec = self._specs[component]
-        m = spec.input_multiple
         h, w = x.shape[-2:]
-        min_h, min_w = (-(-v // m) * m for v in limits[0])
+        min_h, min_w = least
         pad_h, pad_w = max(0, min_h - h), max(0, min_w - w)
         if not (pad_h or pad_w):
             return self._run_batches(component, x)
