@@ -81,6 +81,10 @@ def test_max_batch_and_spatial_limits():
     assert max_batch(profiles, (16, 4, 200, 200)) == 2
     assert max_batch(profiles, (1, 4, 300, 300)) is None
     assert spatial_limits(profiles) == ((64, 64), (256, 256))
+    # A dynamic 512-1024 profile and a static 1536 one: 1200 px is in neither, so the dynamic one is the range.
+    holes = [component_shapes(make_profile(8, resolution="512-1024"), SPECS["decoder"], 8),
+             component_shapes(make_profile(8, batch="1", static="1536x1536"), SPECS["decoder"], 8)]
+    assert spatial_limits(holes) == ((64, 64), (128, 128))
 
 
 def test_verify_shapes_cover_min_opt_max_and_off_grid():

@@ -96,6 +96,8 @@ def test_config_is_diffusers_style(vae16, tiny_fp16):
     assert vae16.dtype == torch.float16
     assert vae16.device == torch.device("cpu")
     assert vae16.to("cpu") is vae16 and vae16.to(torch.float16) is vae16
+    with pytest.warns(UserWarning, match=r"to\(torch.float32\) is ignored: this export runs in torch.float16"):
+        assert vae16.to(dtype=torch.float32) is vae16
 
 
 BAD_INPUTS = [

@@ -236,11 +236,14 @@ def test_tiles_below_the_min_are_widened_into_the_input_not_padded(vae, ref, lea
     ours = vae.decode(z).sample
     with torch.no_grad():
         theirs = ref.decode(z).sample
+        ref.disable_tiling()
+        whole = ref.decode(z).sample
     assert ours.shape == theirs.shape and torch.isfinite(ours).all()
     assert all(least <= s <= 32 for t in seen for s in t.shape[2:])
     assert all(_is_slice_of(t, z) for t in seen)  # real input around each tile, no padding
     if least == 4:
         exact = 3 * 24  # three full tile columns, each keeping 24 output pixels, are untouched
         _assert_close(ours[..., :exact], theirs[..., :exact])
-    # Widened tiles see more context than diffusers' tiles: close, not equal.
-    assert compare(ours, theirs).rel_l2 < 0.1
+    # Widened tiles see more of the image than diffusers' tiles: no farther than those from a one-pass decode
+    # (with random weights tiling itself moves the result by about 0.26 here; padding to 20 gave 0.37).
+    assert compare(ours, whole).rel_l2 <= 1.02 * compare(theirs, whole).rel_l2

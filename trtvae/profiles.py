@@ -142,9 +142,17 @@ def max_batch(profiles: list, shape) -> int | None:
 
 
 def spatial_limits(profiles: list):
-    """((min_h, min_w), (max_h, max_w)) over all profiles, in the component's input units."""
-    return ((min(p["min"][2] for p in profiles), min(p["min"][3] for p in profiles)),
-            (max(p["max"][2] for p in profiles), max(p["max"][3] for p in profiles)))
+    """((min_h, min_w), (max_h, max_w)) of the profile with the widest H×W range, in input units.
+
+    Tiling needs one range in which every size runs. The union of several profiles can have
+    holes (512-1024 plus a static 1536 leaves 1200 uncovered), so the widest single profile
+    is used; inputs outside it are tiled into it even where a narrower profile would fit.
+    """
+    def area(p):
+        return (p["max"][2] - p["min"][2] + 1) * (p["max"][3] - p["min"][3] + 1)
+
+    widest = max(profiles, key=area)
+    return (tuple(widest["min"][2:]), tuple(widest["max"][2:]))
 
 
 def describe_ranges(profiles: list) -> str:

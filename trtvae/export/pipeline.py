@@ -91,12 +91,25 @@ class ExportOptions:
             raise OptionError(f"--fp32-norm applies to fp16 graphs; --precision is {self.precision}")
 
 
+def _options_line(opts: ExportOptions) -> str:
+    """The checked options in one line, so a log shows what was asked for."""
+    parts = [f"model={opts.model}", f"precision={opts.precision}", f"out={opts.out or 'engines/<model-name>'}",
+             f"components={','.join(opts.components)}", f"verify={'on' if opts.verify else 'off'}",
+             f"engines={opts.engines}"]
+    if opts.engines != "skip":
+        parts.append("profiles=" + " | ".join(opts.profile_texts()))
+    if opts.precision == "fp16":
+        parts.append(f"rescale={'on' if opts.rescale else 'off'}" + (" fp32-norm" if opts.fp32_norm else ""))
+    return escape("vae-export " + "  ".join(parts))
+
+
 def default_out(name: str) -> Path:
     return Path("engines") / name
 
 
 def run_export(opts: ExportOptions) -> Path:
     opts.check()
+    console.print(_options_line(opts))
     with stage("load model") as info:
         loaded = load_vae(opts.model, allow_pickle=opts.allow_pickle, subfolder=opts.subfolder)
         info["detail"] = f"{loaded.source['kind']}: {loaded.source['model']}"

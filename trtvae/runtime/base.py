@@ -6,6 +6,7 @@ the same device. Everything a user touches lives here, once.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,6 +52,12 @@ class VaeRuntime(TilingMixin, ModuleHabitsMixin):
 
     def to(self, *args, **kwargs):
         """Accepted for pipeline compatibility; precision and placement are fixed at export/load."""
+        dtypes = [a for a in (*args, kwargs.get("dtype")) if isinstance(a, torch.dtype)]
+        if dtypes and dtypes[0] != self.dtype and not getattr(self, "_warned_to", False):
+            self._warned_to = True
+            warnings.warn(f"{type(self).__name__}.to({dtypes[0]}) is ignored: this export runs in {self.dtype} "
+                          f"(re-export with --precision to change it); inputs of any float dtype are cast",
+                          stacklevel=2)
         return self
 
     def decode(self, z, return_dict: bool = True, generator=None):
