@@ -27,7 +27,11 @@ t = time.perf_counter()
 run_export(ExportOptions(model="demo", precision=sys.argv[1], out=sys.argv[2],
                          components=tuple(sys.argv[3].split(",")), verify=False))
 wall = time.perf_counter() - t
-print("RESULT " + json.dumps({"wall_s": wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+from trtvae.export.progress import timings
+stages = {title: s for title, s in timings}
+onnx_s = sum(s for title, s in timings if title.startswith("export "))
+print("RESULT " + json.dumps({"wall_s": wall, "onnx_s": onnx_s, "audit_s": stages.get("fp16 audit", 0.0),
+                              "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
 
@@ -64,10 +68,12 @@ def main() -> None:
         r = export_in_child(args.precision, work / comps.replace(",", "_"), comps)
         rows.append((comps, r))
     t = Table(title=f"Export of the SDXL-architecture demo ({args.precision}, no verify), fresh process each")
-    for c in ("components", "export wall s", "peak RSS GB", "process s (incl. start-up)"):
+    for c in ("components", "ONNX export s", "fp16 audit s", "run_export wall s", "peak RSS GB",
+              "process s (incl. start-up)"):
         t.add_column(c, justify="right")
     for comps, r in rows:
-        t.add_row(comps, f"{r['wall_s']:.1f}", f"{r['peak_rss_gb']:.2f}", f"{r['process_s']:.1f}")
+        t.add_row(comps, f"{r['onnx_s']:.1f}", f"{r['audit_s']:.1f}", f"{r['wall_s']:.1f}",
+                  f"{r['peak_rss_gb']:.2f}", f"{r['process_s']:.1f}")
     console.print(t)
 
     import numpy as np

@@ -79,7 +79,9 @@ def prepare_fp16(vae, components, out: Path | None, rescale_enabled: bool = True
     record = {"audit": audit.summary(), "rescale": {"applied": False}, "fp32_norm": fp32_norm}
     files = {}
     if out is not None:
-        files = {"json": AUDIT_JSON, "plot": AUDIT_PNG}
+        # The plot costs ~1.5 s of matplotlib on every export; it is drawn where there is something to see
+        # (overflow found). `vae-export audit` always draws it.
+        files = {"json": AUDIT_JSON} if audit.fp16_safe else {"json": AUDIT_JSON, "plot": AUDIT_PNG}
         record["audit"]["files"] = files
     export_vae, after = vae, None
     if audit.fp16_safe:
@@ -116,4 +118,5 @@ def _write(out, files, audit, after) -> None:
         return
     write_json(Path(out) / files["json"], audit,
                {"after_rescale": after.as_dict()} if after is not None else None)
-    plot_audit(Path(out) / files["plot"], audit, after=after, target=ACT_TARGET)
+    if "plot" in files:
+        plot_audit(Path(out) / files["plot"], audit, after=after, target=ACT_TARGET)

@@ -116,8 +116,8 @@ def check_graph(model: onnx.ModelProto, spec: ComponentSpec, precision: str, ser
     # onnx's checks take bytes too; passing the serialized model once saves a re-serialization each.
     data = serialized if serialized is not None else model.SerializeToString()
     try:
-        onnx.checker.check_model(data)
-        onnx.shape_inference.infer_shapes(data, check_type=True, strict_mode=True)
+        # full_check adds strict shape inference, run inside onnx's C++ without a second model in Python.
+        onnx.checker.check_model(data, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{where} fails onnx's checker: {e}") from e
     inputs, outputs = describe_io(model.graph.input), describe_io(model.graph.output)

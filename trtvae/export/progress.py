@@ -12,6 +12,10 @@ from rich.console import Console
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
+# (stage title, seconds) of every finished stage in this process, for benchmarks and logs.
+timings: list = []
+
+
 def human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -40,3 +44,4 @@ def stage(title: str):
         parts.append(str(info["detail"]))
     console.print("  ".join(parts))
     info["seconds"] = took
+    timings.append((title, took))

@@ -43,4 +43,7 @@ _GRAPHS = {DECODER: DecoderGraph, ENCODER: EncoderGraph}
 def component_module(vae: AutoencoderKL, component: str, dtype: torch.dtype) -> torch.nn.Module:
     """A copy of one component in `dtype`, leaving the fp32 model intact as the reference."""
     graph = _GRAPHS[component](vae)
-    return copy.deepcopy(graph).to(dtype).eval().requires_grad_(False)
+    # Seed deepcopy's memo with already-cast tensors, so no full-precision copy is ever made.
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in graph.parameters()}
+    memo.update({id(b): b.detach().to(dtype) if b.is_floating_point() else b.clone() for b in graph.buffers()})
+    return copy.deepcopy(graph, memo).eval().requires_grad_(False)
