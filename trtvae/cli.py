@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     try:
+        if argv[:1] == ["triton"]:
+            return _triton(argv[1:])
         if argv[:1] == ["audit"]:
             from .export.audit_cli import main as audit_main
 
@@ -66,6 +68,26 @@ def main(argv=None) -> int:
     finally:
         if sys.exc_info()[0] is not SystemExit:  # not after --help or an argparse usage error
             print(f"total {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def _triton(argv) -> int:
+    p = argparse.ArgumentParser(
+        prog="vae-export triton",
+        description="Write a Triton Inference Server model repository (config.pbtxt + model file per component) "
+        "from a finished export folder, using only its manifest.json.",
+    )
+    p.add_argument("export_dir", type=Path, help="folder written by vae-export (holding manifest.json)")
+    p.add_argument("--repo", type=Path, required=True, help="Triton model repository to write into")
+    p.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnx"],
+                   help="tensorrt: model.plan (platform tensorrt_plan); onnx: model.onnx (onnxruntime_onnx)")
+    p.add_argument("--prefix", default="vae", help="model names are <prefix>_decoder and <prefix>_encoder")
+    p.add_argument("--max-batch", type=int, default=4, help="max_batch_size for ONNX models (engines: their profile)")
+    args = p.parse_args(argv)
+    from .triton import write_triton_repo
+
+    for folder in write_triton_repo(args.export_dir, args.repo, args.backend, args.prefix, args.max_batch):
+        print(f"wrote {folder}/config.pbtxt")
+    return 0
 
 
 def _export(argv) -> int:
