@@ -245,3 +245,77 @@ def test_engine_build_and_decode_on_gpu(tmp_path, tiny_dir):
     vae = TRTVae.from_pretrained(out)
     image = vae.decode(torch.randn(2, 4, 12, 20, device="cuda")).sample
     assert image.shape == (2, 3, 24, 40) and image.is_cuda and torch.isfinite(image).all()
+
+
+def test_context_pool_bound_drops_least_recently_used_idle_contexts():
+    made = []
+    pool = ContextPool(lambda key: made.append(key) or key, max_items=2)
+    for key in ("a", "b", "a", "c"):  # "b" is least recently used when "c" arrives
+        with pool.acquire(key):
+            pass
+    assert len(pool) == 2
+    with pool.acquire("a"):
+        pass
+    assert made == ["a", "b", "c"]  # "a" was kept, so not made again
+    with pool.acquire("b"):
+        pass
+    assert made == ["a", "b", "c", "b"]  # "b" had been dropped
+    # A context in use is never dropped, even past the bound.
+    with pool.acquire("x"):
+        with pool.acquire("y"):
+            with pool.acquire("z"):
+                assert len(pool) == 3
+
+
+# --- the post-build precision check, on inspector output shaped as TensorRT writes it ------------
+class _FakeEngine:
+    """Just enough of ICudaEngine for check_engine_precision: a context and an inspector's JSON."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def create_execution_context(self):
+        return type("Ctx", (), {"set_input_shape": lambda self, name, shape: name == "latent_sample"})()
+
+    def create_engine_inspector(self):
+        import json
+
+        layers = self.layers
+        return type("Insp", (), {"execution_context": None,
+                                 "get_engine_information": lambda self, fmt: json.dumps({"Layers": layers})})()
+
+
+_FAKE_TRT = type("trt", (), {"LayerInformationFormat": type("F", (), {"JSON": 1})})
+_IO16 = [{"name": "latent_sample", "dtype": "HALF"}, {"name": "sample", "dtype": "HALF"}]
+
+
+def test_layer_precision_reads_the_inspectors_formats():
+    from trtvae.export.engine import layer_precision
+
+    assert layer_precision("Row major linear FP16 format") == "fp16"
+    assert layer_precision("Half") == "fp16"
+    assert layer_precision("Channel major FP32 format where channel % 4 == 0") == "fp32"
+    assert layer_precision("Float") == "fp32"
+    assert layer_precision("BFloat16") == "bf16"
+    assert layer_precision("N/A due to dynamic shapes") is None
+
+
+def test_engine_precision_check_catches_fp32_convolutions():
+    from trtvae.errors import ExportError
+    from trtvae.export.engine import check_engine_precision
+
+    fp16_layers = [
+        {"Name": "conv_in", "LayerType": "CaskConvolution", "Weights": {"Type": "Half"}},
+        {"Name": "__myl_ConvAddMul", "LayerType": "kgen", "Metadata": "[ONNX Layer: node_Conv_12]",
+         "Outputs": [{"Format/Datatype": "Row major linear FP16 format"}]},
+        {"Name": "softmax", "LayerType": "Softmax", "Outputs": [{"Format/Datatype": "Float"}]},
+    ]
+    spec = SPECS["decoder"]
+    counts = check_engine_precision(_FAKE_TRT, _FakeEngine(fp16_layers), _IO16, "fp16", spec, [1, 4, 8, 8])
+    assert counts == {"fp16": 2}
+    fp32_layers = fp16_layers + [{"Name": "conv_out", "LayerType": "CaskConvolution", "Weights": {"Type": "Float"}}]
+    with pytest.raises(ExportError, match="1 convolution layers are not fp16, e.g. conv_out"):
+        check_engine_precision(_FAKE_TRT, _FakeEngine(fp32_layers), _IO16, "fp16", spec, [1, 4, 8, 8])
+    with pytest.raises(ExportError, match="I/O is"):
+        check_engine_precision(_FAKE_TRT, _FakeEngine(fp16_layers), [{"name": "latent_sample", "dtype": "FLOAT"}],
+                               "fp16", spec, [1, 4, 8, 8])

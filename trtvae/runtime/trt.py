@@ -34,18 +34,28 @@ def import_tensorrt():
 
 @dataclass
 class _Slot:
-    """One execution context bound to one profile, with the device memory it was last sized for."""
+    """One execution context bound to one profile, with its own stream and device memory.
+
+    With CUDA graphs a slot also holds one graph captured for one shape: TensorRT ties a graph
+    to the context state it was captured in, so a graph never shares its context.
+    """
 
     context: object
+    stream: torch.cuda.Stream
     memory: torch.Tensor | None = None
-    graphs: dict = field(default_factory=dict)
+    graph: tuple | None = None  # (CUDAGraph, static input, static output)
+
+
+GRAPH_SLOTS = 16
 
 
 class TRTVae(VaeRuntime):
     """The exported VAE as TensorRT engines. Same API as OrtVae (and diffusers' AutoencoderKL).
 
-    Thread safety: one execution context per (component, profile), each behind a lock, so
-    concurrent calls are correct; calls on the same engine and profile run one at a time.
+    Thread safety: one execution context per (component, profile), each behind a lock and with
+    its own CUDA stream, so concurrent calls are correct; calls on the same engine and profile
+    run one at a time. With `cuda_graphs=True` there is one context and graph per shape
+    (at most GRAPH_SLOTS, least recently used dropped first).
     """
 
     backend = "tensorrt"
@@ -72,7 +82,8 @@ class TRTVae(VaeRuntime):
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         self._engines: dict = {}
         self._engine_lock = threading.Lock()
-        self._pool = ContextPool(self._new_slot)
+        # With CUDA graphs a slot per shape; each pins its memory, so the least recently used go first.
+        self._pool = ContextPool(self._new_slot, max_items=GRAPH_SLOTS if cuda_graphs else None)
 
     @property
     def device(self) -> torch.device:
@@ -97,19 +108,26 @@ class TRTVae(VaeRuntime):
                 f"({describe_ranges(self._profiles[component])}); enable tiling or rebuild with a wider --profile"
             )
         source_device = x.device
-        x = x.to(self._device, non_blocking=True)
-        out = torch.empty(spec.output_shape(shape), dtype=self.dtype, device=self._device)
-        stream = torch.cuda.current_stream(self._device)
-        with self._pool.acquire((component, index)) as slot:
-            if self.cuda_graphs:
-                self._replay(slot, spec, x, out, stream)
-            else:
-                self._enqueue(slot, spec, x, out, stream)
+        with torch.cuda.device(self._device):  # TensorRT works on the current device, not x's
+            caller = torch.cuda.current_stream(self._device)
+            x = x.to(self._device, non_blocking=True)
+            out = torch.empty(spec.output_shape(shape), dtype=self.dtype, device=self._device)
+            key = (component, index, shape) if self.cuda_graphs else (component, index)
+            with self._pool.acquire(key) as slot:
+                # The slot's own stream serializes every use of its context and memory on the GPU, even
+                # for callers on different streams; the lock alone only orders the enqueues.
+                slot.stream.wait_stream(caller)
+                with torch.cuda.stream(slot.stream):
+                    if self.cuda_graphs:
+                        self._replay(slot, spec, x, out)
+                    else:
+                        self._enqueue(slot, spec, x, out)
+                caller.wait_stream(slot.stream)
         return out.to(source_device)
 
     # --- TensorRT calls ----------------------------------------------------------------
     def _engine(self, component: str):
-        with self._engine_lock:
+        with self._engine_lock, torch.cuda.device(self._device):
             engine = self._engines.get(component)
             if engine is None:
                 path = component_file(self.directory, self.manifest, component, key="engine")  # sha256 checked
@@ -125,43 +143,55 @@ class TRTVae(VaeRuntime):
         return engine
 
     def _new_slot(self, key) -> _Slot:
-        component, index = key
+        component, index = key[:2]
         engine = self._engine(component)
-        # USER_MANAGED: device memory is sized per call for the shapes in use, not the profile max.
-        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        if context is None:
-            raise RuntimeError(f"TensorRT could not create an execution context for the {component} engine")
-        context.set_optimization_profile_async(index, torch.cuda.current_stream(self._device).cuda_stream)
-        return _Slot(context)
+        with torch.cuda.device(self._device):
+            # USER_MANAGED: device memory is sized per call for the shapes in use (fully so where the
+            # engine was built with RUNTIME_ACTIVATION_RESIZE_10_10), not always the profile max.
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if context is None:
+                raise RuntimeError(f"TensorRT could not create an execution context for the {component} engine")
+            stream = torch.cuda.Stream(self._device)
+            context.set_optimization_profile_async(index, stream.cuda_stream)
+        return _Slot(context, stream)
 
-    def _enqueue(self, slot: _Slot, spec, x: torch.Tensor, out: torch.Tensor, stream) -> None:
+    def _enqueue(self, slot: _Slot, spec, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Run one inference on the slot's stream (the current stream when called)."""
         context = slot.context
-        if not context.set_input_shape(spec.input_name, tuple(x.shape)):
-            raise ValueError(f"TensorRT refused shape {tuple(x.shape)} for {spec.input_name!r}")
-        need = context.update_device_memory_size_for_shapes()
-        if slot.memory is None or slot.memory.numel() < need:
-            slot.memory = torch.empty(max(need, 1), dtype=torch.uint8, device=self._device)
-            context.device_memory = slot.memory.data_ptr()
-            slot.graphs.clear()  # captured graphs point at the old buffer
-        context.set_tensor_address(spec.input_name, x.data_ptr())
-        context.set_tensor_address(spec.output_name, out.data_ptr())
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution failed for {spec.name} at shape {tuple(x.shape)}")
-
-    def _replay(self, slot: _Slot, spec, x: torch.Tensor, out: torch.Tensor, stream) -> None:
-        """CUDA graph per shape: the first call runs normally and captures, later calls replay."""
         shape = tuple(x.shape)
-        captured = slot.graphs.get(shape)
-        if captured is None:
+        if not context.set_input_shape(spec.input_name, shape):
+            raise ValueError(f"TensorRT refused shape {shape} for {spec.input_name!r}")
+        need = context.update_device_memory_size_for_shapes()
+        if need <= 0:
+            raise RuntimeError(f"TensorRT could not size device memory for {spec.name} at {shape}")
+        if slot.memory is None or slot.memory.numel() < need:
+            slot.memory = torch.empty(need, dtype=torch.uint8, device=self._device)
+        if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1: pointer and size, set every call
+            context.set_device_memory(slot.memory.data_ptr(), slot.memory.numel())
+        else:
+            context.device_memory = slot.memory.data_ptr()
+        if not (context.set_tensor_address(spec.input_name, x.data_ptr())
+                and context.set_tensor_address(spec.output_name, out.data_ptr())):
+            raise RuntimeError(f"TensorRT refused the I/O addresses of the {spec.name} engine")
+        if not context.execute_async_v3(slot.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution failed for {spec.name} at shape {shape}")
+
+    def _replay(self, slot: _Slot, spec, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The slot's CUDA graph for this shape: run once and capture on first use, replay after."""
+        if slot.graph is None:
             static_in, static_out = x.clone(), torch.empty_like(out)
-            self._enqueue(slot, spec, static_in, static_out, stream)  # sizes memory and warms kernels up
+            # A normal run first: TensorRT defers shape-dependent setup to the next enqueue, which must
+            # not happen inside the capture.
+            self._enqueue(slot, spec, static_in, static_out)
+            slot.stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                if not slot.context.execute_async_v3(torch.cuda.current_stream(self._device).cuda_stream):
-                    raise RuntimeError(f"TensorRT execution failed while capturing {spec.name} at {shape}")
-            captured = slot.graphs[shape] = (graph, static_in, static_out)
-        graph, static_in, static_out = captured
-        slot.context.set_input_shape(spec.input_name, shape)
+            # thread_local: another thread's allocations during this capture must not invalidate it.
+            with torch.cuda.graph(graph, stream=slot.stream, capture_error_mode="thread_local"):
+                captured = slot.context.execute_async_v3(slot.stream.cuda_stream)
+            if not captured:
+                raise RuntimeError(f"TensorRT execution failed while capturing {spec.name} at {tuple(x.shape)}")
+            slot.graph = (graph, static_in, static_out)
+        graph, static_in, static_out = slot.graph
         static_in.copy_(x)
         graph.replay()
         out.copy_(static_out)
