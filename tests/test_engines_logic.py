@@ -105,6 +105,10 @@ def test_verify_shapes_cover_min_opt_max_and_off_grid():
 ENTRY = {"file": "decoder.plan", "tensorrt_version": "10.13.0.35", "compute_capability": "9.0",
          "gpu": "NVIDIA H100 80GB HBM3", "build": {"profile_options": ["batch=1-4,resolution=512-1536"]}}
 MANIFEST = {"precision": "fp16", "source": {"model": "madebyollin/sdxl-vae-fp16-fix"},
+            "export_options": {"model": "madebyollin/sdxl-vae-fp16-fix", "precision": "fp16", "subfolder": None,
+                               "components": ["decoder", "encoder"], "rescale": True, "fp32_norm": False,
+                               "profiles": ["batch=1-4,resolution=512-1536"], "builder_optimization_level": 3,
+                               "workspace_gib": 8.0},
             "components": {"decoder": {"engine": ENTRY}}}
 
 
@@ -120,6 +124,19 @@ def test_engine_mismatch_names_what_differs_and_how_to_rebuild():
     assert ("vae-export --model madebyollin/sdxl-vae-fp16-fix --precision fp16 --out engines/sdxl "
             "--engines required --profile batch=1-4,resolution=512-1536") in text
     assert rebuild_command(MANIFEST, "x").startswith("vae-export --model madebyollin/sdxl-vae-fp16-fix")
+    # The original choices come back: a rebuilt --fp32-norm decoder-only export must stay so.
+    other = {**MANIFEST, "export_options": {**MANIFEST["export_options"], "fp32_norm": True,
+                                            "components": ["decoder"], "builder_optimization_level": 5}}
+    assert rebuild_command(other, "x").endswith(
+        "--components decoder --fp32-norm --profile batch=1-4,resolution=512-1536 --builder-optimization-level 5")
+
+
+def test_export_options_reach_the_manifest(tiny_fp16):
+    from trtvae.manifest import read_manifest
+
+    opts = read_manifest(tiny_fp16)["export_options"]
+    assert opts["precision"] == "fp16" and opts["components"] == ["decoder", "encoder"]
+    assert opts["profiles"] == ["batch=1-4,resolution=512-1536"] and opts["rescale"] is True
 
 
 # --- contexts shared between threads ---------------------------------------------------------
@@ -206,6 +223,32 @@ class _RecordingVae:
         vae = Limited.from_pretrained(directory)
         vae.calls = []
         return vae
+
+
+def test_batches_below_the_profile_min_are_padded(tiny_fp32):
+    from trtvae import OrtVae
+
+    class MinTwo(OrtVae):
+        calls: list = []
+
+        def _max_batch(self, component, shape):
+            return 4
+
+        def _min_batch(self, component, shape):
+            return 2
+
+        def _run(self, component, x):
+            self.calls.append(x.shape[0])
+            return super()._run(component, x)
+
+    vae = MinTwo.from_pretrained(tiny_fp32)
+    z = torch.randn(5, 4, 6, 8)
+    out = vae.decode(z).sample
+    assert vae.calls == [4, 2]  # 4, then the last image padded to the min batch of 2
+    assert out.shape[0] == 5
+    assert torch.allclose(out, OrtVae.from_pretrained(tiny_fp32).decode(z).sample, atol=1e-5)
+    vae.calls.clear()
+    assert vae.decode(z[:1]).sample.shape[0] == 1 and vae.calls == [2]
 
 
 def test_batches_over_the_profile_max_are_split(tiny_fp32):
@@ -306,13 +349,17 @@ def test_engine_precision_check_catches_fp32_convolutions():
 
     fp16_layers = [
         {"Name": "conv_in", "LayerType": "CaskConvolution", "Weights": {"Type": "Half"}},
+        {"Name": "up.conv", "LayerType": "CaskConvolution", "Outputs": [{"Format/Datatype": "Row major FP16"}]},
         {"Name": "__myl_ConvAddMul", "LayerType": "kgen", "Metadata": "[ONNX Layer: node_Conv_12]",
-         "Outputs": [{"Format/Datatype": "Row major linear FP16 format"}]},
+         "Weights": {"Type": "Half"}},
+        # A fused region naming a conv whose output is an fp32-norm Cast: not judged by that output.
+        {"Name": "__myl_CastConvNorm", "LayerType": "kgen", "Metadata": "[ONNX Layer: node_conv2d_3]",
+         "Outputs": [{"Format/Datatype": "Float"}]},
         {"Name": "softmax", "LayerType": "Softmax", "Outputs": [{"Format/Datatype": "Float"}]},
     ]
     spec = SPECS["decoder"]
     counts = check_engine_precision(_FAKE_TRT, _FakeEngine(fp16_layers), _IO16, "fp16", spec, [1, 4, 8, 8])
-    assert counts == {"fp16": 2}
+    assert counts == {"fp16": 3, "unknown": 1}
     fp32_layers = fp16_layers + [{"Name": "conv_out", "LayerType": "CaskConvolution", "Weights": {"Type": "Float"}}]
     with pytest.raises(ExportError, match="1 convolution layers are not fp16, e.g. conv_out"):
         check_engine_precision(_FAKE_TRT, _FakeEngine(fp32_layers), _IO16, "fp16", spec, [1, 4, 8, 8])

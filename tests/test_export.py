@@ -107,11 +107,31 @@ def test_interrupted_reexport_leaves_no_manifest(tmp_path, tiny_dir, monkeypatch
 
 def test_reexport_removes_stale_files(tmp_path, tiny_dir):
     out = tmp_path / "out"
-    run_export(ExportOptions(model=str(tiny_dir), precision="fp32", out=out, verify=False))
+    run_export(ExportOptions(model=str(tiny_dir), precision="fp16", out=out))
+    assert (out / "verify_decoder.png").exists() and (out / "fp16_audit.json").exists()
+    (out / "timing.cache").write_bytes(b"kept across exports")
     run_export(ExportOptions(model=str(tiny_dir), precision="fp32", out=out, verify=False, components=("decoder",)))
     m = read_manifest(out)
     assert sorted(m["components"]) == ["decoder"]
-    assert not (out / "encoder.onnx").exists()
+    assert m["files"] == ["decoder.onnx"]
+    # Last export's encoder, audit and verify picture would describe another graph: all gone.
+    for name in ("encoder.onnx", "verify_decoder.png", "fp16_audit.json"):
+        assert not (out / name).exists(), name
+    assert (out / "timing.cache").exists()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(precision="fp32", fp32_norm=True), "--fp32-norm applies to fp16 graphs"),
+    (dict(profile=("batch=1",), batch="1-2"), "--profile replaces"),
+    (dict(static="512x512", opt=512), "--static fixes one size"),
+    (dict(resolution="500-1536"), "500 px is not a multiple of the VAE's spatial factor 8"),
+])
+def test_inconsistent_options_are_refused_before_any_work(tmp_path, kwargs, message):
+    from trtvae.errors import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        run_export(ExportOptions(model="demo", out=tmp_path / "o", **kwargs))
+    assert not (tmp_path / "o").exists()
 
 
 def test_failed_verification_writes_no_manifest(tmp_path, tiny_dir, monkeypatch):

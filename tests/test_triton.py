@@ -43,6 +43,12 @@ def test_tensorrt_repository_uses_the_engine_profile(tmp_path, tiny_fp16):
     # One static size in every profile: Triton is told the exact dims (output ×2 for the tiny VAE).
     assert "dims: [ 4, 16, 24 ]" in config and "dims: [ 3, 32, 48 ]" in config
     assert (written / "1" / "model.plan").read_bytes() == plan
+    write_triton_repo(folder, tmp_path / "repo", backend="onnx")
+    assert not (written / "1" / "model.plan").exists() and (written / "1" / "model.onnx").exists()
+    profile["min"][0] = 2
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(OptionError, match="Triton sends batches from 1"):
+        write_triton_repo(folder, tmp_path / "repo")
 
 
 def test_tensorrt_repository_without_engines_is_refused(tmp_path, tiny_fp16):

@@ -11,9 +11,7 @@ def __getattr__(name):
 
         return getattr(runtime, name)
     if name == "attach":
-        # The module itself: it is callable (forwards to attach.attach), since importing it rebinds
-        # this name to the module anyway, so `trtvae.attach(pipe, DIR)` works however it was imported.
-        import importlib
+        from .pipelines import attach
 
-        return importlib.import_module(".attach", __name__)
+        return attach
     raise AttributeError(f"module 'trtvae' has no attribute {name!r}")

@@ -16,7 +16,11 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vae-export",
         description="Export the encoder and decoder of a diffusers AutoencoderKL (default: the SDXL VAE fp16-fix) "
-        "to ONNX with dynamic batch/height/width, verify them against PyTorch fp32, and write manifest.json.",
+        "to ONNX with dynamic batch/height/width, verify them against PyTorch fp32, build TensorRT engines where "
+        "TensorRT and a GPU are present, and write manifest.json.",
+        epilog="other commands: `vae-export audit --model M` (fp16 overflow audit), "
+        "`vae-export triton DIR --repo PATH` (Triton model repository). Usage errors exit 2, "
+        "other errors print one `error:` line and exit 1.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hub repo id, local diffusers folder, single .safetensors file, or 'demo' (default {DEFAULT_MODEL})")
@@ -58,16 +62,18 @@ def main(argv=None) -> int:
             from .export.audit_cli import main as audit_main
 
             return audit_main(argv[1:])
-        return _export(argv)
+        code = _export(argv)
     except TrtvaeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions, a path through a file: the user's to fix, in one line
+        print(f"error: {e.strerror or e} ({e.filename or 'file system'})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no manifest was written, the output folder is not a finished export", file=sys.stderr)
         return 130
-    finally:
-        if sys.exc_info()[0] is not SystemExit:  # not after --help or an argparse usage error
-            print(f"total {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(f"total {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return code
 
 
 def _triton(argv) -> int:

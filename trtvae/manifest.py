@@ -115,7 +115,7 @@ def component_file(directory, manifest: dict, component: str, key: str = "onnx",
 
 def referenced_files(manifest: dict) -> set:
     """File names a manifest points at, so a re-export can remove stale ones."""
-    files = set()
+    files = set(manifest.get("files", []))
     for entry in manifest.get("components", {}).values():
         if isinstance(entry.get("onnx"), str):
             files.add(entry["onnx"])

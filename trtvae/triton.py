@@ -65,6 +65,10 @@ def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str =
             source = component_file(export_dir, manifest, component, key="engine")
             profiles = [p[spec.input_name] for p in engine["profiles"]]
             batch = max(p["max"][0] for p in profiles)
+            if min(p["min"][0] for p in profiles) > 1:
+                raise OptionError(f"the {component} engine's profiles start at batch "
+                                  f"{min(p['min'][0] for p in profiles)}, but Triton sends batches from 1: "
+                                  "rebuild with --batch 1-N")
             platform, filename = "tensorrt_plan", "model.plan"
         else:
             source = component_file(export_dir, manifest, component)
@@ -77,6 +81,9 @@ def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str =
         name = f"{prefix}_{component}"
         folder = Path(repo) / name
         (folder / "1").mkdir(parents=True, exist_ok=True)
+        for other in ("model.plan", "model.onnx"):  # a repository written earlier for the other backend
+            if other != filename:
+                (folder / "1" / other).unlink(missing_ok=True)
         with atomic_path(folder / "1" / filename) as tmp:
             shutil.copyfile(source, tmp)
         io = {"input": {"name": inp["name"], "dtype": inp["dtype"], "dims": in_dims},

@@ -4,6 +4,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..components import COMPONENTS
+
+
+def parse_components(value) -> tuple:
+    """`--components`: "decoder,encoder" (or a sequence of names) → a tuple of names from COMPONENTS.
+
+    Raises OptionError when it is empty or names anything else.
+    """
+    from ..errors import OptionError
+
+    names = value.split(",") if isinstance(value, str) else value
+    components = tuple(c.strip() for c in names if c.strip())
+    if not components or any(c not in COMPONENTS for c in components):
+        shown = value if isinstance(value, str) else ",".join(value)
+        raise OptionError(f"--components {shown!r}: expected a subset of {','.join(COMPONENTS)}")
+    return components
+
 
 def _parser() -> argparse.ArgumentParser:
     from .loading import DEFAULT_MODEL
@@ -28,8 +45,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv) -> int:
     args = _parser().parse_args(argv)
-    from ..components import COMPONENTS
-    from ..errors import OptionError
     from .audit import run_audit
     from .audit_report import print_audit, write_json
     from .calibration import calibration_inputs
@@ -39,9 +54,7 @@ def main(argv) -> int:
     from .progress import console, stage
     from .rescale import ACT_TARGET
 
-    components = tuple(c.strip() for c in args.components.split(",") if c.strip())
-    if not components or any(c not in COMPONENTS for c in components):
-        raise OptionError(f"--components {args.components!r}: expected a subset of {','.join(COMPONENTS)}")
+    components = parse_components(args.components)
     with stage("load model") as info:
         loaded = load_vae(args.model, allow_pickle=args.allow_pickle, subfolder=args.subfolder)
         info["detail"] = f"{loaded.source['kind']}: {loaded.source['model']}"
@@ -63,5 +76,5 @@ def main(argv) -> int:
         console.print(f"Wrote {args.json}")
     plot = args.plot or (args.json.with_suffix(".png") if args.json else Path(f"{loaded.name}-fp16-audit.png"))
     plot_audit(plot, result, after=after, target=ACT_TARGET)
-    console.print(f"Wrote {plot}")
+    console.print(f"Wrote plot {plot.resolve()}", soft_wrap=True)
     return 0

@@ -200,8 +200,14 @@ def check_engine_precision(trt, engine, io: list, precision: str, spec, opt_shap
         if not re.search(r"conv", what, re.IGNORECASE):
             continue
         weights = layer.get("Weights", {}).get("Type", "") if isinstance(layer.get("Weights"), dict) else ""
-        kinds = {layer_precision(str(weights))} if layer_precision(str(weights)) else \
-            {layer_precision(str(o.get("Format/Datatype", ""))) for o in layer.get("Outputs", [])} - {None}
+        if layer_precision(str(weights)):
+            kinds = {layer_precision(str(weights))}
+        elif re.search(r"convolution", str(layer.get("LayerType", "")) + str(layer.get("ParameterType", "")),
+                       re.IGNORECASE):
+            kinds = {layer_precision(str(o.get("Format/Datatype", ""))) for o in layer.get("Outputs", [])} - {None}
+        else:
+            # A fused region that merely mentions a conv: its outputs may be a neighbour's (an fp32-norm Cast).
+            kinds = set()
         for kind in kinds or {"unknown"}:
             counts[kind] = counts.get(kind, 0) + 1
         if kinds and precision not in kinds:

@@ -102,13 +102,15 @@ def prepare_fp16(vae, components, out: Path | None, rescale_enabled: bool = True
                       f"max |activation| {done.summary['max_abs_before']:.4g} → {done.summary['max_abs_after']:.4g}")
     elif fp32_norm:
         print_audit(audit)
-        console.print("[yellow]! fp16 overflows where rescaling cannot reach; --fp32-norm given: exporting, "
-                      "verify will judge it[/]")
+        # --fp32-norm keeps statistics in fp32; it does not shrink the overflowing activations. The user
+        # asked for an fp16 graph with it anyway: export, and let verify decide.
+        console.print("[yellow]! fp16 overflows where rescaling cannot reach; --fp32-norm given: exporting anyway "
+                      "(fp32 GroupNorm statistics do not fix overflowing activations), verify will judge it[/]")
     else:
         print_audit(audit)
         _write(out, files, audit, after)
-        raise ExportError(f"fp16 export stopped: {audit.advice()}. If only normalization statistics overflow, "
-                          "--fp32-norm may be enough")
+        raise ExportError(f"fp16 export stopped: {audit.advice()}. To export the fp16 graph anyway and let "
+                          "verify judge it, pass --no-rescale or --fp32-norm")
     _write(out, files, audit, after)
     return export_vae, record
 

@@ -53,6 +53,22 @@ def load_vae(model: str = DEFAULT_MODEL, allow_pickle: bool = False, subfolder: 
     return _load_hub(model, allow_pickle, subfolder)
 
 
+def peek_config(model: str, subfolder: str | None = None) -> dict | None:
+    """The model's config without reading weights, where that costs nothing (no download); else None."""
+    if model == DEMO:
+        return sdxl_vae_config()
+    path = Path(os.path.expanduser(model))
+    if path.is_file():
+        return sdxl_vae_config() if path.suffix == ".safetensors" else None
+    for folder in (path, path / "vae"):
+        if (folder / "config.json").is_file():
+            try:
+                return json.loads((folder / "config.json").read_text())
+            except json.JSONDecodeError:
+                return None  # load_vae reports it properly
+    return None
+
+
 def load_demo(seed: int = 0) -> LoadedVae:
     """The exact SDXL-VAE architecture with seeded random weights: offline, deterministic."""
     config = sdxl_vae_config()
@@ -90,6 +106,7 @@ def _find_weights(folder: Path, allow_pickle: bool) -> tuple[Path, str | None]:
 
 def _load_folder(folder: Path, allow_pickle: bool, name: str | None = None, kind: str = "folder",
                  model: str | None = None) -> LoadedVae:
+    name = name or folder.resolve().name  # the folder the user named, not its vae/ subfolder
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"  # a whole pipeline folder: take its VAE
     if not (folder / "config.json").is_file():
@@ -106,7 +123,7 @@ def _load_folder(folder: Path, allow_pickle: bool, name: str | None = None, kind
         raise ModelLoadError(f"could not load the VAE from {folder}: {e}") from e
     return LoadedVae(
         vae.eval().requires_grad_(False),
-        name or folder.resolve().name,
+        name,
         {"kind": kind, "model": model or str(folder.resolve()), "weights_file": weights.name,
          "weights_sha256": sha256_file(weights)},
     )

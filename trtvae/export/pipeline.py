@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -19,7 +19,7 @@ from ..manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, read_manifest, ref
     write_manifest
 from ..profiles import make_profile, parse_profile_option
 from .engine import EngineOptions, build_engine, engines_unavailable_reason
-from .loading import DEFAULT_MODEL, load_vae
+from .loading import DEFAULT_MODEL, load_vae, peek_config
 from .onnx_export import export_onnx, onnx_entry
 from .precision import ONNX_DTYPE_NAME, PRECISIONS
 from .progress import console, stage
@@ -27,6 +27,10 @@ from .verify import VerifyReport, verify_engines, verify_runtime
 
 
 ENGINE_MODES = ("auto", "required", "skip")
+_PROFILE_DEFAULTS = ("1-4", "512-1536", None, None)  # batch, resolution, opt, static
+# Everything an export may write besides the manifest; a re-export removes the old ones first.
+# timing.cache is not among them: it is meant to outlive exports.
+EXTRA_OUTPUTS = ("fp16_audit.json", "fp16_audit.png", "verify_decoder.png")
 
 
 @dataclass
@@ -40,8 +44,8 @@ class ExportOptions:
     subfolder: str | None = None
     # TensorRT engines: auto (build where TensorRT and a GPU exist), required, or skip.
     engines: str = "auto"
-    batch: str = "1-4"
-    resolution: str = "512-1536"
+    batch: str = _PROFILE_DEFAULTS[0]
+    resolution: str = _PROFILE_DEFAULTS[1]
     opt: int | None = None
     static: str | None = None
     profile: tuple = ()
@@ -50,7 +54,6 @@ class ExportOptions:
     # fp16 only: exact rescaling when the audit finds overflow; GroupNorm statistics in fp32.
     rescale: bool = True
     fp32_norm: bool = False
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         """Reject nonsense before any work starts."""
@@ -69,6 +72,12 @@ class ExportOptions:
                 raise OptionError(f"--builder-optimization-level {self.optimization_level}: expected 0 to 5")
             if self.workspace_gib is not None and self.workspace_gib <= 0:
                 raise OptionError(f"--workspace {self.workspace_gib}: expected a positive size in GiB")
+        if self.fp32_norm and self.precision != "fp16":
+            raise OptionError(f"--fp32-norm applies to fp16 graphs; --precision is {self.precision}")
+        if self.profile and (self.batch, self.resolution, self.opt, self.static) != _PROFILE_DEFAULTS:
+            raise OptionError("--profile replaces --batch/--resolution/--opt/--static: put them inside --profile")
+        if self.static and (self.opt is not None or self.resolution != _PROFILE_DEFAULTS[1]):
+            raise OptionError("--static fixes one size; it excludes --resolution and --opt")
         if self.engines == "required":
             reason = engines_unavailable_reason()
             if reason:
@@ -87,8 +96,13 @@ class ExportOptions:
             return [f"batch={self.batch},static={self.static}"]
         opt = f",opt={self.opt}" if self.opt is not None else ""
         return [f"batch={self.batch},resolution={self.resolution}{opt}"]
-        if self.fp32_norm and self.precision != "fp16":
-            raise OptionError(f"--fp32-norm applies to fp16 graphs; --precision is {self.precision}")
+
+    def as_manifest(self) -> dict:
+        """What was asked for, so the engines can be rebuilt elsewhere with the same choices."""
+        return {"model": self.model, "subfolder": self.subfolder, "precision": self.precision,
+                "components": list(self.components), "rescale": self.rescale, "fp32_norm": self.fp32_norm,
+                "allow_pickle": self.allow_pickle, "profiles": self.profile_texts(),
+                "builder_optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib}
 
 
 def _options_line(opts: ExportOptions) -> str:
@@ -109,18 +123,23 @@ def default_out(name: str) -> Path:
 
 def run_export(opts: ExportOptions) -> Path:
     opts.check()
-    console.print(_options_line(opts))
+    console.print(_options_line(opts), soft_wrap=True)
+    config = peek_config(opts.model, opts.subfolder)
+    if config is not None and opts.engines != "skip":
+        opts.image_profiles(spatial_factor(config))  # before any weights are read
     with stage("load model") as info:
         loaded = load_vae(opts.model, allow_pickle=opts.allow_pickle, subfolder=opts.subfolder)
-        info["detail"] = f"{loaded.source['kind']}: {loaded.source['model']}"
+        info["detail"] = loaded.source["model"] if loaded.source["kind"] == "demo" else \
+            f"{loaded.source['kind']}: {loaded.source['model']}"
     vae = loaded.vae
     specs = component_specs(vae.config)
     if opts.engines != "skip":
         opts.image_profiles(spatial_factor(vae.config))  # sizes must be multiples of this model's factor
     out = Path(opts.out) if opts.out is not None else default_out(loaded.name)
-    stale = _begin_rewrite(out)
+    _begin_rewrite(out)
 
     manifest = _manifest_head(vae, loaded.source, opts.precision)
+    manifest["export_options"] = opts.as_manifest()
     # `vae` stays the untouched fp32 reference for verify; `export_vae` may be a rescaled copy.
     export_vae = vae
     if opts.precision == "fp16":
@@ -143,10 +162,8 @@ def run_export(opts: ExportOptions) -> Path:
 
     manifest["verify"] = _verify(vae, out, manifest, specs, opts) if opts.verify else {"status": "skipped"}
 
+    manifest["files"] = sorted(n for n in _output_names() if (out / n).exists())
     write_manifest(out, manifest)
-    for name in stale - referenced_files(manifest):
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
     console.print(f"[bold]Wrote {out / MANIFEST_NAME}[/]")
     _next_steps(out, manifest)
     return out
@@ -172,15 +189,28 @@ def _build_engines(out: Path, manifest: dict, specs: dict, opts: ExportOptions) 
         manifest["components"][name]["engine"] = entry
 
 
-def _begin_rewrite(out: Path) -> set:
-    """Remove an old manifest first, so an interrupted re-export never looks finished; return its files."""
-    out.mkdir(parents=True, exist_ok=True)
+def _output_names() -> set:
+    return {f"{c}.{ext}" for c in COMPONENTS for ext in ("onnx", "plan")} | set(EXTRA_OUTPUTS)
+
+
+def _begin_rewrite(out: Path) -> None:
+    """Remove the old manifest first (an interrupted re-export never looks finished), then the old outputs.
+
+    Nothing of an earlier export survives to be mistaken for part of this one: a plan built from
+    the old graph, an audit of another model, last time's verify picture.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     old = set()
     if (out / MANIFEST_NAME).exists():
         with contextlib.suppress(Exception):
             old = referenced_files(read_manifest(out))
         (out / MANIFEST_NAME).unlink()
-    return old
+    for name in old | _output_names():
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
 
 
 def _manifest_head(vae, source: dict, precision: str) -> dict:
@@ -262,4 +292,6 @@ def _ort_cuda(out: Path, manifest: dict, notes: list):
 def _next_steps(out: Path, manifest: dict) -> None:
     console.print("Next:")
     console.print(f"  python -c \"from trtvae import OrtVae; vae = OrtVae.from_pretrained('{out}')\"")
-    console.print(f"  C++/Triton: read {out / MANIFEST_NAME} for file names, I/O names, dtypes and shapes")
+    console.print(f"  vae-export triton {out} --repo models --backend "
+                  f"{'tensorrt' if any('engine' in c for c in manifest['components'].values()) else 'onnx'}")
+    console.print(f"  C++: read {out / MANIFEST_NAME} for file names, I/O names, dtypes, shapes and profiles")

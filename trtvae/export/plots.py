@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-FP16_MAX = 65504.0
+from .audit import FP16_MAX
 
 
 def _pyplot():
@@ -37,7 +37,7 @@ def plot_audit(path, result, after=None, title: str | None = None, target: float
         if after is not None:
             _audit_panel(ax, after, component, "after rescaling", "tab:blue")
         ax.axhline(FP16_MAX, color="black", lw=1.2)
-        ax.text(0, FP16_MAX * 1.3, "fp16 max 65504", fontsize=8, va="bottom")
+        ax.text(0, FP16_MAX * 1.3, f"fp16 max {FP16_MAX:g}", fontsize=8, va="bottom")
         if target:
             ax.axhline(target, color="grey", lw=0.8, ls="--")
             ax.text(0, target * 1.3, f"rescale target 2^{int(math.log2(target))}", fontsize=8, color="grey")

@@ -5,6 +5,7 @@ outside autocast (autocast would run its convolutions in reduced precision).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -82,9 +83,20 @@ def sample_images(batch: int, channels: int, height: int, width: int, seed: int)
     return (0.8 * smooth + ramp).clamp(-1, 1)
 
 
+@contextlib.contextmanager
+def strict_fp32():
+    """No autocast and no TF32 on CUDA: the reference must be plain fp32 (TF32 alone is ~1e-3 off)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @torch.no_grad()
 def reference(vae, component: str, x: torch.Tensor):
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(x.device.type, enabled=False), strict_fp32():
         if component == DECODER:
             return vae.decode(x.float()).sample
         return vae.encode(x.float()).latent_dist

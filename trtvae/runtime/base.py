@@ -86,6 +86,10 @@ class VaeRuntime(TilingMixin, ModuleHabitsMixin):
         """Largest batch the backend runs at once for this shape; None for no limit."""
         return None
 
+    def _min_batch(self, component: str, shape: tuple) -> int | None:
+        """Smallest batch the backend runs for this shape; None for no limit."""
+        return None
+
     def _spatial_limits(self, component: str):
         """((min_h, min_w), (max_h, max_w)) of the input the backend accepts, in input pixels; None for any."""
         return None

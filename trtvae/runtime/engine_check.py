@@ -16,14 +16,25 @@ class EngineMismatchError(TrtvaeError, RuntimeError):
 
 
 def rebuild_command(manifest: dict, directory) -> str:
-    """The command that rebuilds this folder's engines on the machine that must run them."""
-    source = manifest.get("source", {}).get("model", "<model>")
-    cmd = ["vae-export", "--model", str(source), "--precision", manifest.get("precision", "fp16"),
+    """The command that rebuilds this folder's engines, with the choices of the original export."""
+    opts = manifest.get("export_options", {})
+    source = opts.get("model") or manifest.get("source", {}).get("model", "<model>")
+    cmd = ["vae-export", "--model", str(source), "--precision", opts.get("precision", manifest.get("precision", "fp16")),
            "--out", str(directory), "--engines", "required"]
-    for entry in manifest.get("components", {}).values():
-        for p in entry.get("engine", {}).get("build", {}).get("profile_options", []):
-            cmd += ["--profile", p]
-        break
+    if opts.get("subfolder"):
+        cmd += ["--subfolder", opts["subfolder"]]
+    if opts.get("components") and sorted(opts["components"]) != ["decoder", "encoder"]:
+        cmd += ["--components", ",".join(opts["components"])]
+    for flag, key, default in (("--no-rescale", "rescale", True), ("--fp32-norm", "fp32_norm", False),
+                               ("--allow-pickle", "allow_pickle", False)):
+        if opts.get(key, default) != default:
+            cmd.append(flag)
+    for p in opts.get("profiles", []):
+        cmd += ["--profile", p]
+    if opts.get("builder_optimization_level", 3) != 3:
+        cmd += ["--builder-optimization-level", str(opts["builder_optimization_level"])]
+    if opts.get("workspace_gib", 8.0) != 8.0:
+        cmd += ["--workspace", str(opts["workspace_gib"])]
     return shlex.join(cmd)
 
 

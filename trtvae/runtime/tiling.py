@@ -213,7 +213,15 @@ class TilingMixin:
 
     def _run_batches(self, component: str, x: torch.Tensor) -> torch.Tensor:
         limit = self._max_batch(component, tuple(x.shape))
-        if limit is None or x.shape[0] <= limit:
+        least = self._min_batch(component, tuple(x.shape)) or 1
+        if (limit is None or x.shape[0] <= limit) and x.shape[0] >= least:
             return self._run(component, x)
-        # Larger batches than a profile allows are run in chunks rather than refused.
-        return torch.cat([self._run(component, chunk.contiguous()) for chunk in x.split(limit)], dim=0)
+        # Larger batches than a profile allows run in chunks rather than being refused; a chunk below the
+        # profile's min batch repeats its last image and drops the extra outputs.
+        outs = []
+        for chunk in x.split(limit or x.shape[0]):
+            n = chunk.shape[0]
+            if n < least:
+                chunk = torch.cat([chunk, chunk[-1:].expand(least - n, *chunk.shape[1:])])
+            outs.append(self._run(component, chunk.contiguous())[:n])
+        return torch.cat(outs, dim=0)

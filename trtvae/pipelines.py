@@ -8,8 +8,6 @@ with a VAE that is not a torch Module.
 from __future__ import annotations
 
 import logging
-import sys
-import types
 import warnings
 
 from .runtime.base import VaeRuntime
@@ -100,12 +98,3 @@ def _sync_scale_factor(pipe, factor: int) -> None:
         if isinstance(value, VaeImageProcessor) and value.config.get("vae_scale_factor") != factor:
             setattr(pipe, name, type(value).from_config({**value.config, "vae_scale_factor": factor}))
 
-
-class _CallableModule(types.ModuleType):
-    # `trtvae.attach` is both this module and the function: importing the submodule rebinds the
-    # package attribute to the module, so the module itself forwards calls to `attach`.
-    def __call__(self, *args, **kwargs):
-        return attach(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
