@@ -56,6 +56,45 @@ def environment() -> dict:
     return env
 
 
+def tiled_rows(rows: list, vae, dynamic: Path, trt_reason, repeats: int) -> None:
+    """Decode beyond the engine's 1536 max: TRTVae tiles automatically; diffusers' tiled decode alongside.
+
+    Peak memory is torch's allocator peak for the call (TensorRT's context memory comes from torch too).
+    """
+    import torch
+
+    backends = {"diffusers tiled decode fp16": lambda: (vae.enable_tiling(), lambda z: vae.decode(z).sample)[1]}
+    if not trt_reason:
+        def trt_tiled():
+            from trtvae import TRTVae
+
+            t = TRTVae.from_pretrained(dynamic)
+            return lambda z: t.decode(z).sample
+
+        backends["TensorRT fp16 dynamic, auto-tiled"] = trt_tiled
+    else:
+        rows.append(("TensorRT fp16 dynamic, auto-tiled", "decode", "2048²/4096²", None, trt_reason))
+    for name, make in backends.items():
+        try:
+            fn = make()
+        except Exception as e:
+            rows.append((name, "decode", "-", None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            continue
+        for size in (2048, 4096):
+            z = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=torch.float16)
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                with torch.inference_mode():
+                    ms = cuda_ms(lambda: fn(z), max(3, repeats // 5), warmup=1)
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                rows.append((name, "decode", size, ms, f"peak {peak:.1f} GiB"))
+            except Exception as e:
+                rows.append((name, "decode", size, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            finally:
+                torch.cuda.empty_cache()
+    vae.disable_tiling()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo")
@@ -157,6 +196,7 @@ def main() -> int:
     sizes = [1024] if 1024 in saved else []
     measure("TensorRT fp16 static 1024²", trt(static))
     sizes = saved
+    tiled_rows(rows, vae, dynamic, trt_reason, args.repeats)
 
     eager = {(op, size): ms for b, op, size, ms, _ in rows if b == "PyTorch eager fp16" and ms}
     lines = ["| backend | op | size | median ms | speed-up vs eager | note |", "|---|---|---|---|---|---|"]
