@@ -188,7 +188,8 @@ def test_audit_table_shows_the_norm_column_only_when_it_has_figures():
 
     assert norm_column(audit_table(result, rows=2)) is None  # no GroupNorm among the rows: no empty column
     assert norm_column(audit_table(result, rows=3)) == ["", "", "187"]
-    assert norm_line(result).startswith("GroupNorm statistics: largest (x-μ)² 187 at decoder.mid_block.resnets.0.norm1")
+    assert norm_line(result).startswith(
+        "GroupNorm statistics: largest (x-μ)² 187 at decoder.mid_block.resnets.0.norm1")
     assert norm_line(AuditResult(layers=result.layers[:2], calibration=[])) is None
 
 

@@ -161,20 +161,37 @@ def test_module_habits_pipelines_rely_on(tiny_fp32):
     from diffusers.utils.torch_utils import get_module_execution_device
 
     vae = OrtVae.from_pretrained(tiny_fp32)
-    assert vae.to("cpu") is vae and vae.to(torch.float16) is vae and vae.dtype == torch.float32
+    assert vae.to("cpu") is vae  # pipelines chain vae.to(...)
+    with pytest.warns(UserWarning, match=r"to\(torch.float16\) is ignored"):
+        assert vae.to(torch.float16) is vae
+    assert vae.dtype == torch.float32  # the export's precision, not the requested one
     assert vae.config.force_upcast is False and vae.config["latent_channels"] == vae.config.latent_channels == 4
     assert next(iter(vae.post_quant_conv.parameters())).dtype == vae.dtype
     assert get_module_execution_device(vae) == vae.device == torch.device("cpu")
 
 
 def test_what_a_non_module_vae_cannot_do(unets, tiny_fp32, tmp_path, caplog):
+    import json
+    import logging
+
     pipe = make_pipe(StableDiffusionXLPipeline, None, unets[4])
     trtvae.attach(pipe, tiny_fp32, verbose=False)
-    assert pipe.to("cpu") is pipe and pipe.vae.device.type == "cpu"  # skipped by pipe.to(), not broken
+    pipe.to("cpu")  # skips the VAE (not a Module) without raising
+    assert pipe.vae.device.type == "cpu"
     with pytest.raises(ValueError, match="only supported for the VAE of type `AutoencoderKL`"):
         pipe.fuse_qkv_projections()  # vae=True is the default
-    pipe.save_pretrained(tmp_path / "saved")  # saves the rest; the VAE is left out
+    # diffusers' loggers do not propagate to the root logger, where caplog listens: listen on theirs.
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="diffusers"):
+            pipe.save_pretrained(tmp_path / "saved")  # saves the rest; the VAE is left out
+    finally:
+        diffusers_logger.removeHandler(caplog.handler)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("self.vae=") and m.endswith("cannot be saved.") for m in warnings), warnings
     assert not (tmp_path / "saved" / "vae").exists() and (tmp_path / "saved" / "unet").is_dir()
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["vae"] == [None, None]
 
 
 # --- backend choice ---------------------------------------------------------------------------

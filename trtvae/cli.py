@@ -104,7 +104,7 @@ def _export(argv) -> int:
         model=args.model,
         precision=args.precision,
         out=args.out,
-        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        components=args.components,  # parsed and checked with the other options
         verify=args.verify,
         allow_pickle=args.allow_pickle,
         subfolder=args.subfolder,

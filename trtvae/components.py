@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from .errors import OptionError
+
 DECODER = "decoder"
 ENCODER = "encoder"
 COMPONENTS = (DECODER, ENCODER)
@@ -73,3 +75,16 @@ def component_specs(config: Mapping) -> dict:
             output_dims=(lat_dims[0], 2 * latent, *lat_dims[1:]),
         ),
     }
+
+
+def parse_components(value) -> tuple:
+    """`--components`: "decoder,encoder" (or a sequence of names) → a tuple of names from COMPONENTS.
+
+    Raises OptionError when it is empty or names anything else.
+    """
+    names = value.split(",") if isinstance(value, str) else value
+    components = tuple(c.strip() for c in names if c.strip())
+    if not components or any(c not in COMPONENTS for c in components):
+        shown = value if isinstance(value, str) else ",".join(value)
+        raise OptionError(f"--components {shown!r}: expected a subset of {','.join(COMPONENTS)}")
+    return components

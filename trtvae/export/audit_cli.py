@@ -4,22 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..components import COMPONENTS
-
-
-def parse_components(value) -> tuple:
-    """`--components`: "decoder,encoder" (or a sequence of names) → a tuple of names from COMPONENTS.
-
-    Raises OptionError when it is empty or names anything else.
-    """
-    from ..errors import OptionError
-
-    names = value.split(",") if isinstance(value, str) else value
-    components = tuple(c.strip() for c in names if c.strip())
-    if not components or any(c not in COMPONENTS for c in components):
-        shown = value if isinstance(value, str) else ",".join(value)
-        raise OptionError(f"--components {shown!r}: expected a subset of {','.join(COMPONENTS)}")
-    return components
+from ..components import parse_components
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import torch
 from rich.markup import escape
 
 from .. import __version__
-from ..components import COMPONENTS, component_specs, spatial_factor
+from ..components import COMPONENTS, component_specs, parse_components, spatial_factor
 from ..errors import OptionError, VerificationError
 from ..manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, read_manifest, referenced_files, \
     write_manifest
@@ -59,9 +59,7 @@ class ExportOptions:
         """Reject nonsense before any work starts."""
         if self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        unknown = [c for c in self.components if c not in COMPONENTS]
-        if unknown or not self.components:
-            raise OptionError(f"--components {','.join(self.components)!r}: expected a subset of {','.join(COMPONENTS)}")
+        self.components = parse_components(self.components)
         if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
             raise OptionError(f"--out {self.out}: exists and is not a folder")
         if self.engines not in ENGINE_MODES:
