@@ -10,13 +10,16 @@ from trtvae.manifest import read_manifest
 
 
 @pytest.mark.slow
-def test_demo_fp16_export_verifies_and_runs(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_demo_export_verifies_and_runs(tmp_path, capsys, precision):
+    """The README's main job, on the full SDXL-architecture demo, in both precisions it names."""
     out = tmp_path / "demo"
-    assert main(["--model", "demo", "--precision", "fp16", "--out", str(out)]) == 0
+    assert main(["--model", "demo", "--precision", precision, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Accuracy vs PyTorch fp32" in text and "FAIL" not in text
     m = read_manifest(out)
-    assert m["verify"]["status"] == "passed"
+    assert m["verify"]["status"] == "passed" and m["precision"] == precision
+    assert len(m["verify"]["checks"]) == 9
     assert m["spatial_factor"] == 8 and m["source"]["kind"] == "demo"
     vae = OrtVae.from_pretrained(out)
     image = vae.decode(torch.randn(1, 4, 5, 6)).sample
