@@ -131,6 +131,25 @@ def test_engine_mismatch_names_what_differs_and_how_to_rebuild():
         "--components decoder --fp32-norm --profile batch=1-4,resolution=512-1536 --builder-optimization-level 5")
 
 
+def test_rebuild_command_edge_cases():
+    folder = {**MANIFEST, "source": {"kind": "folder", "model": "/data/vaes/my-vae"},
+              "export_options": {**MANIFEST["export_options"], "model": "./my-vae", "workspace_gib": None}}
+    text = rebuild_command(folder, "out")
+    assert "--model /data/vaes/my-vae" in text and "--workspace" not in text
+    legacy = {k: v for k, v in MANIFEST.items() if k != "export_options"}  # written before export_options
+    assert rebuild_command(legacy, "out").endswith("--profile batch=1-4,resolution=512-1536")
+
+
+def test_components_parsing():
+    from trtvae.components import parse_components
+
+    assert parse_components("decoder,decoder, encoder") == ("decoder", "encoder")
+    assert parse_components(("encoder",)) == ("encoder",)
+    for bad in ("", "decoder,unet", ("decoder", None)):
+        with pytest.raises(OptionError, match="--components"):
+            parse_components(bad)
+
+
 def test_export_options_reach_the_manifest(tiny_fp16):
     from trtvae.manifest import read_manifest
 
@@ -291,8 +310,8 @@ def test_engine_build_and_decode_on_gpu(tmp_path, tiny_dir):
 
 
 def test_context_pool_bound_drops_least_recently_used_idle_contexts():
-    made = []
-    pool = ContextPool(lambda key: made.append(key) or key, max_items=2)
+    made, dropped = [], []
+    pool = ContextPool(lambda key: made.append(key) or key, max_items=2, on_evict=dropped.append)
     for key in ("a", "b", "a", "c"):  # "b" is least recently used when "c" arrives
         with pool.acquire(key):
             pass
@@ -303,6 +322,7 @@ def test_context_pool_bound_drops_least_recently_used_idle_contexts():
     with pool.acquire("b"):
         pass
     assert made == ["a", "b", "c", "b"]  # "b" had been dropped
+    assert dropped[:1] == ["b"]  # and was handed to on_evict (the GPU slot waits for its stream there)
     # A context in use is never dropped, even past the bound.
     with pool.acquire("x"):
         with pool.acquire("y"):

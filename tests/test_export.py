@@ -162,3 +162,26 @@ def test_check_graph_rejects_a_specialized_dim(tiny_fp32):
     specs = component_specs(read_manifest(tiny_fp32)["vae_config"])
     with pytest.raises(ExportError, match="symbolic"):
         check_graph(model, specs["decoder"], "fp32")
+
+
+def test_a_folder_that_is_not_an_export_is_never_cleaned(tmp_path, tiny_dir):
+    from trtvae.errors import OptionError
+
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "encoder.onnx").write_bytes(b"someone else's model")
+    with pytest.raises(OptionError, match="is not a trtvae export folder"):
+        run_export(ExportOptions(model=str(tiny_dir), precision="fp32", out=foreign, verify=False))
+    assert (foreign / "encoder.onnx").read_bytes() == b"someone else's model"
+
+
+def test_old_manifest_cannot_delete_outside_the_folder(tmp_path, tiny_dir):
+    out = tmp_path / "out"
+    run_export(ExportOptions(model=str(tiny_dir), precision="fp32", out=out, verify=False, components=("decoder",)))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    m["files"] = ["decoder.onnx", "../victim.txt"]
+    (out / MANIFEST_NAME).write_text(json.dumps(m))
+    run_export(ExportOptions(model=str(tiny_dir), precision="fp32", out=out, verify=False, components=("decoder",)))
+    assert victim.read_text() == "keep"

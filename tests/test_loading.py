@@ -125,3 +125,13 @@ def test_single_file_with_original_ldm_keys(tmp_path):
     for k in ("decoder.up_blocks.0.resnets.0.conv1.weight", "encoder.mid_block.attentions.0.to_q.weight",
               "decoder.up_blocks.2.resnets.0.conv_shortcut.weight"):
         assert torch.equal(loaded[k], state[k].float()), k
+
+
+def test_a_folder_with_another_models_config_is_refused_in_one_line(tmp_path):
+    from trtvae.export.pipeline import ExportOptions, run_export
+
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"_class_name": "UNet2DConditionModel", "in_channels": 4}')
+    with pytest.raises(ModelLoadError, match="describes a UNet2DConditionModel, expected AutoencoderKL"):
+        run_export(ExportOptions(model=str(folder), out=tmp_path / "o"))

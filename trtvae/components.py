@@ -82,8 +82,10 @@ def parse_components(value) -> tuple:
 
     Raises OptionError when it is empty or names anything else.
     """
-    names = value.split(",") if isinstance(value, str) else value
-    components = tuple(c.strip() for c in names if c.strip())
+    names = value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(c, str) for c in names):
+        raise OptionError(f"--components {value!r}: expected names from {','.join(COMPONENTS)}")
+    components = tuple(dict.fromkeys(c.strip() for c in names if c.strip()))  # once each, in order
     if not components or any(c not in COMPONENTS for c in components):
         shown = value if isinstance(value, str) else ",".join(value)
         raise OptionError(f"--components {shown!r}: expected a subset of {','.join(COMPONENTS)}")

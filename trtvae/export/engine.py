@@ -179,7 +179,10 @@ def check_engine_precision(trt, engine, io: list, precision: str, spec, opt_shap
     checks what TensorRT made of them. Layer formats of a dynamic engine read "N/A due to dynamic
     shapes" unless the inspector has a context with concrete shapes, so one is set at the opt shape.
     Convolutions inside Myelin regions show up as lower-case sub-layers with the ONNX name in
-    "Metadata", hence the loose match. Returns the count of convolutions per type seen.
+    "Metadata", hence the loose match; such a region is judged by its weights' type only, since its
+    outputs may belong to a fused neighbour (an fp32-norm Cast) and would fail a correct engine.
+    Regions without a weights type count as "unknown": the strongly typed network already had its
+    convolution weights checked in the ONNX. Returns the count of convolutions per type seen.
     """
     wanted = _PRECISION_TYPES[precision]
     wrong_io = [f"{t['name']}={t['dtype']}" for t in io if t["dtype"] != wanted]

@@ -63,9 +63,10 @@ def peek_config(model: str, subfolder: str | None = None) -> dict | None:
     for folder in (path, path / "vae"):
         if (folder / "config.json").is_file():
             try:
-                return json.loads((folder / "config.json").read_text())
-            except json.JSONDecodeError:
+                config = json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
                 return None  # load_vae reports it properly
+            return config if isinstance(config, dict) and "block_out_channels" in config else None
     return None
 
 

@@ -31,6 +31,7 @@ _PROFILE_DEFAULTS = ("1-4", "512-1536", None, None)  # batch, resolution, opt, s
 # Everything an export may write besides the manifest; a re-export removes the old ones first.
 # timing.cache is not among them: it is meant to outlive exports.
 EXTRA_OUTPUTS = ("fp16_audit.json", "fp16_audit.png", "verify_decoder.png")
+EXPORT_MARKER = ".trtvae-export"  # says a folder is an export's, finished or not, so it may be cleaned
 
 
 @dataclass
@@ -195,18 +196,25 @@ def _begin_rewrite(out: Path) -> None:
     """Remove the old manifest first (an interrupted re-export never looks finished), then the old outputs.
 
     Nothing of an earlier export survives to be mistaken for part of this one: a plan built from
-    the old graph, an audit of another model, last time's verify picture.
+    the old graph, an audit of another model, last time's verify picture. Only a folder that an
+    export has written to (manifest or marker) is cleaned; anything else with such names is refused.
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OptionError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    manifest_path, marker = out / MANIFEST_NAME, out / EXPORT_MARKER
+    present = sorted(n for n in _output_names() if (out / n).exists())
+    if present and not (manifest_path.exists() or marker.exists()):
+        raise OptionError(f"--out {out} holds {', '.join(present)} but is not a trtvae export folder; "
+                          "choose an empty or new folder")
     old = set()
-    if (out / MANIFEST_NAME).exists():
+    if manifest_path.exists():
         with contextlib.suppress(Exception):
             old = referenced_files(read_manifest(out))
-        (out / MANIFEST_NAME).unlink()
-    for name in old | _output_names():
+        manifest_path.unlink()
+    marker.touch()
+    for name in ({n for n in old if Path(n).name == n} | _output_names()):  # never outside `out`
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
 

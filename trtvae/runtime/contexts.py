@@ -12,37 +12,49 @@ import threading
 from collections import OrderedDict
 
 
+class _Entry:
+    def __init__(self, holder):
+        self.holder = holder
+        self.lock = threading.Lock()
+        self.users = 0  # handed out and not yet returned; counted under the pool's guard
+
+
 class ContextPool:
-    def __init__(self, factory, max_items: int | None = None):
+    def __init__(self, factory, max_items: int | None = None, on_evict=None):
         self._factory = factory  # key -> new context holder; called once per key while it is kept
         self._max_items = max_items
+        self._on_evict = on_evict  # holder -> None, e.g. wait for its GPU work before it is dropped
         self._items: OrderedDict = OrderedDict()
         self._guard = threading.Lock()
 
     @contextlib.contextmanager
     def acquire(self, key):
         with self._guard:
-            item = self._items.get(key)
-            if item is None:
-                item = self._items[key] = (self._factory(key), threading.Lock())
-                self._evict(keep=key)
+            entry = self._items.get(key)
+            if entry is None:
+                entry = self._items[key] = _Entry(self._factory(key))
+            entry.users += 1
             self._items.move_to_end(key)
-        holder, lock = item
-        with lock:
-            yield holder
+            evicted = self._evict()
+        for holder in evicted:
+            self._on_evict(holder)
+        try:
+            with entry.lock:
+                yield entry.holder
+        finally:
+            with self._guard:
+                entry.users -= 1
 
-    def _evict(self, keep) -> None:
+    def _evict(self) -> list:
         if self._max_items is None:
-            return
+            return []
+        dropped = []
         for key in list(self._items):
             if len(self._items) <= self._max_items:
-                return
-            if key == keep:
-                continue
-            _, lock = self._items[key]
-            if lock.acquire(blocking=False):  # never drop a context while someone uses it
-                lock.release()
-                del self._items[key]
+                break
+            if self._items[key].users == 0:  # never drop a context someone holds or waits for
+                dropped.append(self._items.pop(key).holder)
+        return dropped if self._on_evict else []
 
     def __len__(self) -> int:
         return len(self._items)

@@ -18,8 +18,11 @@ class EngineMismatchError(TrtvaeError, RuntimeError):
 def rebuild_command(manifest: dict, directory) -> str:
     """The command that rebuilds this folder's engines, with the choices of the original export."""
     opts = manifest.get("export_options", {})
-    source = opts.get("model") or manifest.get("source", {}).get("model", "<model>")
-    cmd = ["vae-export", "--model", str(source), "--precision", opts.get("precision", manifest.get("precision", "fp16")),
+    src = manifest.get("source", {})
+    # Folders and files by their resolved path: the user's relative one means nothing elsewhere.
+    source = src.get("model") if src.get("kind") in ("folder", "file") else opts.get("model") or src.get("model")
+    precision = opts.get("precision", manifest.get("precision", "fp16"))
+    cmd = ["vae-export", "--model", str(source or "<model>"), "--precision", precision,
            "--out", str(directory), "--engines", "required"]
     if opts.get("subfolder"):
         cmd += ["--subfolder", opts["subfolder"]]
@@ -29,11 +32,15 @@ def rebuild_command(manifest: dict, directory) -> str:
                                ("--allow-pickle", "allow_pickle", False)):
         if opts.get(key, default) != default:
             cmd.append(flag)
-    for p in opts.get("profiles", []):
+    profiles = opts.get("profiles")
+    if profiles is None:  # manifests written before export_options: the engines' own record
+        engines = [c["engine"] for c in manifest.get("components", {}).values() if "engine" in c]
+        profiles = engines[0].get("build", {}).get("profile_options", []) if engines else []
+    for p in profiles:
         cmd += ["--profile", p]
     if opts.get("builder_optimization_level", 3) != 3:
         cmd += ["--builder-optimization-level", str(opts["builder_optimization_level"])]
-    if opts.get("workspace_gib", 8.0) != 8.0:
+    if opts.get("workspace_gib", 8.0) not in (8.0, None):
         cmd += ["--workspace", str(opts["workspace_gib"])]
     return shlex.join(cmd)
 

@@ -47,6 +47,7 @@ class _Slot:
 
 
 GRAPH_SLOTS = 16
+_CAPTURE_LOCK = threading.Lock()
 
 
 class TRTVae(VaeRuntime):
@@ -83,7 +84,8 @@ class TRTVae(VaeRuntime):
         self._engines: dict = {}
         self._engine_lock = threading.Lock()
         # With CUDA graphs a slot per shape; each pins its memory, so the least recently used go first.
-        self._pool = ContextPool(self._new_slot, max_items=GRAPH_SLOTS if cuda_graphs else None)
+        self._pool = ContextPool(self._new_slot, max_items=GRAPH_SLOTS if cuda_graphs else None,
+                                 on_evict=lambda slot: slot.stream.synchronize())  # its GPU work may still run
 
     @property
     def device(self) -> torch.device:
@@ -188,8 +190,9 @@ class TRTVae(VaeRuntime):
             self._enqueue(slot, spec, static_in, static_out)
             slot.stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread's allocations during this capture must not invalidate it.
-            with torch.cuda.graph(graph, stream=slot.stream, capture_error_mode="thread_local"):
+            # One capture at a time in the process (torch's allocator and RNG are device-wide during one);
+            # thread_local: other threads' CUDA calls during it must not invalidate it.
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=slot.stream, capture_error_mode="thread_local"):
                 captured = slot.context.execute_async_v3(slot.stream.cuda_stream)
             if not captured:
                 raise RuntimeError(f"TensorRT execution failed while capturing {spec.name} at {tuple(x.shape)}")
