@@ -270,6 +270,23 @@ def test_batches_below_the_profile_min_are_padded(tiny_fp32):
     assert vae.decode(z[:1]).sample.shape[0] == 1 and vae.calls == [2]
 
 
+def test_batch_plans_fit_one_profile_each():
+    from trtvae.runtime.tiling import plan_batches
+
+    assert plan_batches(5, [(1, 4)]) == [(4, 4), (1, 1)]
+    assert plan_batches(5, [(2, 4)]) == [(4, 4), (1, 2)]
+    assert plan_batches(1, [(2, 4)]) == [(1, 2)]
+    # Non-overlapping profiles: 4 fits neither 1-2 nor 8-16, so it runs as 2 + 2.
+    assert plan_batches(4, [(1, 2), (8, 16)]) == [(2, 2), (2, 2)]
+    assert plan_batches(20, [(1, 2), (8, 16)]) == [(16, 16), (2, 2), (2, 2)]
+    assert plan_batches(3, [(1, 8)]) == [(3, 3)]
+    profiles = [{"min": [1, 4, 8, 8], "max": [2, 4, 32, 32]}, {"min": [8, 4, 8, 8], "max": [16, 4, 32, 32]},
+                {"min": [1, 4, 64, 64], "max": [1, 4, 64, 64]}]
+    from trtvae.profiles import batch_ranges
+
+    assert batch_ranges(profiles, (4, 4, 16, 16)) == [(1, 2), (8, 16)]
+
+
 def test_batches_over_the_profile_max_are_split(tiny_fp32):
     from trtvae import OrtVae
 

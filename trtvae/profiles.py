@@ -148,6 +148,11 @@ def min_batch(profiles: list, shape) -> int | None:
     return min((p["min"][0] for p in _holding_hw(profiles, shape)), default=None)
 
 
+def batch_ranges(profiles: list, shape) -> list:
+    """(min, max) batch of every profile holding this H×W."""
+    return [(p["min"][0], p["max"][0]) for p in _holding_hw(profiles, shape)]
+
+
 def spatial_limits(profiles: list):
     """((min_h, min_w), (max_h, max_w)) of the profile with the widest H×W range, in input units.
 

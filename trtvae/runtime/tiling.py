@@ -212,16 +212,38 @@ class TilingMixin:
         return self._run_batches(component, padded)[:, :, :oh, :ow].contiguous()
 
     def _run_batches(self, component: str, x: torch.Tensor) -> torch.Tensor:
-        limit = self._max_batch(component, tuple(x.shape))
-        least = self._min_batch(component, tuple(x.shape)) or 1
-        if (limit is None or x.shape[0] <= limit) and x.shape[0] >= least:
+        plan = plan_batches(x.shape[0], self._batch_ranges(component, tuple(x.shape)))
+        if len(plan) == 1 and plan[0] == (x.shape[0], x.shape[0]):
             return self._run(component, x)
-        # Larger batches than a profile allows run in chunks rather than being refused; a chunk below the
-        # profile's min batch repeats its last image and drops the extra outputs.
-        outs = []
-        for chunk in x.split(limit or x.shape[0]):
-            n = chunk.shape[0]
-            if n < least:
-                chunk = torch.cat([chunk, chunk[-1:].expand(least - n, *chunk.shape[1:])])
-            outs.append(self._run(component, chunk.contiguous())[:n])
+        # Batches a profile cannot take whole run in chunks it can; a chunk below every min repeats its
+        # last image and the extra outputs are dropped.
+        outs, start = [], 0
+        for take, run in plan:
+            chunk = x[start:start + take]
+            if run > take:
+                chunk = torch.cat([chunk, chunk[-1:].expand(run - take, *chunk.shape[1:])])
+            outs.append(self._run(component, chunk.contiguous())[:take])
+            start += take
         return torch.cat(outs, dim=0)
+
+    def _batch_ranges(self, component: str, shape: tuple) -> list:
+        """[(min, max)] batch ranges the backend runs at this H×W; from `_min_batch`/`_max_batch` by default."""
+        hi = self._max_batch(component, shape)
+        return [(self._min_batch(component, shape) or 1, hi if hi is not None else shape[0])]
+
+
+def plan_batches(n: int, ranges: list) -> list:
+    """Split a batch of n into (images taken, batch run) chunks that each fit one of `ranges`."""
+    plan = []
+    while n > 0:
+        if any(lo <= n <= hi for lo, hi in ranges):
+            plan.append((n, n))
+            break
+        below = [hi for _, hi in ranges if hi < n]
+        if below:  # too many for any range that would hold them: take the largest that fits
+            plan.append((max(below), max(below)))
+            n -= max(below)
+            continue
+        plan.append((n, min(lo for lo, _ in ranges)))  # fewer than every min: pad up
+        break
+    return plan
