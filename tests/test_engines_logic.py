@@ -10,7 +10,7 @@ import torch
 
 from trtvae.components import component_specs
 from trtvae.errors import OptionError
-from trtvae.profiles import (component_shapes, make_profile, max_batch, parse_profile_option, select_profile,
+from trtvae.profiles import (batch_ranges, component_shapes, make_profile, parse_profile_option, select_profile,
                              spatial_limits, verify_shapes)
 from trtvae.runtime.contexts import ContextPool
 from trtvae.runtime.engine_check import EngineMismatchError, check_engine, engine_mismatches, rebuild_command
@@ -75,11 +75,11 @@ def test_select_profile_picks_the_tightest_containing_one():
     assert select_profile(profiles, (1, 4, 32, 32)) is None  # below every min
 
 
-def test_max_batch_and_spatial_limits():
+def test_batch_ranges_and_spatial_limits():
     profiles = _profiles()
-    assert max_batch(profiles, (16, 4, 96, 96)) == 8
-    assert max_batch(profiles, (16, 4, 200, 200)) == 2
-    assert max_batch(profiles, (1, 4, 300, 300)) is None
+    assert batch_ranges(profiles, (16, 4, 96, 96)) == [(1, 2), (1, 8)]
+    assert batch_ranges(profiles, (16, 4, 200, 200)) == [(1, 2)]
+    assert batch_ranges(profiles, (1, 4, 300, 300)) == []
     assert spatial_limits(profiles) == ((64, 64), (256, 256))
     # A dynamic 512-1024 profile and a static 1536 one: 1200 px is in neither, so the dynamic one is the range.
     holes = [component_shapes(make_profile(8, resolution="512-1024"), SPECS["decoder"], 8),
@@ -232,8 +232,8 @@ class _RecordingVae:
         class Limited(OrtVae):
             calls: list = []
 
-            def _max_batch(self, component, shape):
-                return limit
+            def _batch_ranges(self, component, shape):
+                return [(1, limit)]
 
             def _run(self, component, x):
                 self.calls.append(tuple(x.shape))
@@ -250,11 +250,8 @@ def test_batches_below_the_profile_min_are_padded(tiny_fp32):
     class MinTwo(OrtVae):
         calls: list = []
 
-        def _max_batch(self, component, shape):
-            return 4
-
-        def _min_batch(self, component, shape):
-            return 2
+        def _batch_ranges(self, component, shape):
+            return [(2, 4)]
 
         def _run(self, component, x):
             self.calls.append(x.shape[0])
@@ -282,8 +279,6 @@ def test_batch_plans_fit_one_profile_each():
     assert plan_batches(3, [(1, 8)]) == [(3, 3)]
     profiles = [{"min": [1, 4, 8, 8], "max": [2, 4, 32, 32]}, {"min": [8, 4, 8, 8], "max": [16, 4, 32, 32]},
                 {"min": [1, 4, 64, 64], "max": [1, 4, 64, 64]}]
-    from trtvae.profiles import batch_ranges
-
     assert batch_ranges(profiles, (4, 4, 16, 16)) == [(1, 2), (8, 16)]
 
 
@@ -309,7 +304,7 @@ def test_shape_outside_every_profile_names_the_ranges(tiny_fp32):
     with pytest.raises(ValueError, match=r"shape \(1, 4, 64, 64\) is outside every engine profile "
                                          r"\(#0: min \[1, 4, 8, 8\] max \[2, 4, 32, 32\]\)"):
         vae._run("decoder", torch.zeros(1, 4, 64, 64, dtype=torch.float32))
-    assert vae._max_batch("decoder", (9, 4, 16, 16)) == 2
+    assert vae._batch_ranges("decoder", (9, 4, 16, 16)) == [(1, 2)]
     assert vae._spatial_limits("decoder") == ((8, 8), (32, 32))
 
 

@@ -27,8 +27,8 @@ class SpyVae(OrtVae):
     def _spatial_limits(self, component):
         return self.limits.get(component)
 
-    def _max_batch(self, component, shape):
-        return self.batch_limit
+    def _batch_ranges(self, component, shape):
+        return [(1, self.batch_limit or shape[0])]
 
     def _run(self, component, x):
         self.calls.append((component, tuple(x.shape)))

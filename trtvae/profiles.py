@@ -138,16 +138,6 @@ def _holding_hw(profiles: list, shape) -> list:
     return [p for p in profiles if all(lo <= s <= hi for lo, s, hi in zip(p["min"][2:], shape[2:], p["max"][2:]))]
 
 
-def max_batch(profiles: list, shape) -> int | None:
-    """Largest batch any profile runs at this H×W; None if no profile holds the H×W at all."""
-    return max((p["max"][0] for p in _holding_hw(profiles, shape)), default=None)
-
-
-def min_batch(profiles: list, shape) -> int | None:
-    """Smallest batch a profile holding this H×W accepts; None if none holds the H×W."""
-    return min((p["min"][0] for p in _holding_hw(profiles, shape)), default=None)
-
-
 def batch_ranges(profiles: list, shape) -> list:
     """(min, max) batch of every profile holding this H×W."""
     return [(p["min"][0], p["max"][0]) for p in _holding_hw(profiles, shape)]

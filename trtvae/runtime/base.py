@@ -79,16 +79,12 @@ class VaeRuntime(TilingMixin, ModuleHabitsMixin):
         spec = self._specs[component]
         x = self._validate(spec, x)
         # Slicing, tiling (asked for, or forced by `_spatial_limits`), min-size padding and
-        # `_max_batch` chunking live in tiling.py.
+        # batch chunking (`_batch_ranges`) live in tiling.py.
         return self._sliced_forward(component, x)
 
-    def _max_batch(self, component: str, shape: tuple) -> int | None:
-        """Largest batch the backend runs at once for this shape; None for no limit."""
-        return None
-
-    def _min_batch(self, component: str, shape: tuple) -> int | None:
-        """Smallest batch the backend runs for this shape; None for no limit."""
-        return None
+    def _batch_ranges(self, component: str, shape: tuple) -> list:
+        """[(min, max)] batch sizes the backend runs at once at this H×W; any batch by default."""
+        return [(1, shape[0])]
 
     def _spatial_limits(self, component: str):
         """((min_h, min_w), (max_h, max_w)) of the input the backend accepts, in input pixels; None for any."""

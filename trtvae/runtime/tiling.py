@@ -226,11 +226,6 @@ class TilingMixin:
             start += take
         return torch.cat(outs, dim=0)
 
-    def _batch_ranges(self, component: str, shape: tuple) -> list:
-        """[(min, max)] batch ranges the backend runs at this H×W; from `_min_batch`/`_max_batch` by default."""
-        hi = self._max_batch(component, shape)
-        return [(self._min_batch(component, shape) or 1, hi if hi is not None else shape[0])]
-
 
 def plan_batches(n: int, ranges: list) -> list:
     """Split a batch of n into (images taken, batch run) chunks that each fit one of `ranges`."""

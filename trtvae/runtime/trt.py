@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..manifest import component_file
-from ..profiles import batch_ranges, describe_ranges, max_batch, min_batch, select_profile, spatial_limits
+from ..profiles import batch_ranges, describe_ranges, select_profile, spatial_limits
 from .base import VaeRuntime
 from .contexts import ContextPool
 from .engine_check import EngineMismatchError, check_engine, input_profiles, rebuild_command
@@ -92,12 +92,6 @@ class TRTVae(VaeRuntime):
         return self._device
 
     # --- hooks used by the shared base -----------------------------------------------
-    def _max_batch(self, component: str, shape: tuple):
-        return max_batch(self._profiles[component], shape) if component in self._profiles else None
-
-    def _min_batch(self, component: str, shape: tuple):
-        return min_batch(self._profiles[component], shape) if component in self._profiles else None
-
     def _batch_ranges(self, component: str, shape: tuple) -> list:
         ranges = batch_ranges(self._profiles.get(component, []), shape)
         return ranges or super()._batch_ranges(component, shape)
