@@ -24,12 +24,6 @@ class ImageProfile:
     height: tuple
     width: tuple
 
-    def describe(self) -> str:
-        def r(t):
-            return f"{t[0]}" if t[0] == t[2] else f"{t[0]}-{t[2]}"
-
-        return f"batch {r(self.batch)}, {r(self.height)}×{r(self.width)} px (opt {self.height[1]}×{self.width[1]})"
-
     def as_dict(self) -> dict:
         return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width)}
 

@@ -58,7 +58,3 @@ class ContextPool:
 
     def __len__(self) -> int:
         return len(self._items)
-
-    def clear(self) -> None:
-        with self._guard:
-            self._items.clear()

@@ -6,7 +6,7 @@ compatibility, context sharing) lives in pure-Python modules beside this one.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
