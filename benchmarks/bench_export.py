@@ -22,7 +22,8 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
-from trtvae.export.pipeline import ExportOptions, run_export
+from trtvae.export.options import ExportOptions
+from trtvae.export.run import run_export
 t = time.perf_counter()
 run_export(ExportOptions(model="demo", precision=sys.argv[1], out=sys.argv[2],
                          components=tuple(sys.argv[3].split(",")), verify=False))

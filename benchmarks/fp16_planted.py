@@ -88,9 +88,10 @@ def main() -> None:
     import onnxruntime
 
     from trtvae.export.loading import load_demo
-    from trtvae.export.pipeline import ExportOptions, run_export
+    from trtvae.export.options import ExportOptions
+    from trtvae.export.run import run_export
     from trtvae.export.progress import timings
-    from trtvae.export.rescale import plant_overflow
+    from trtvae.export.fp16.rescale import plant_overflow
     from trtvae.export.verify import sample_images, sample_latents
     from trtvae.metrics import compare
 

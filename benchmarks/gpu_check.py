@@ -115,7 +115,8 @@ def main() -> int:
         return 1
     from trtvae.export.engine import engines_unavailable_reason
     from trtvae.export.loading import load_vae
-    from trtvae.export.pipeline import ExportOptions, run_export
+    from trtvae.export.options import ExportOptions
+    from trtvae.export.run import run_export
 
     sizes = [int(s) for s in args.sizes.split(",")]
     trt_reason = engines_unavailable_reason()

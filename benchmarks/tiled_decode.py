@@ -37,7 +37,8 @@ def prepare(workdir: Path, width_divisor: int, precision: str) -> dict:
     import torch
     from diffusers import AutoencoderKL
 
-    from trtvae.export.pipeline import ExportOptions, run_export
+    from trtvae.export.options import ExportOptions
+    from trtvae.export.run import run_export
 
     config = _model_config(width_divisor)
     with torch.random.fork_rng(devices=[]):

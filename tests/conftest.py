@@ -33,7 +33,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def _export(tmp_path_factory, tiny_dir, precision):
-    from trtvae.export.pipeline import ExportOptions, run_export
+    from trtvae.export.options import ExportOptions
+    from trtvae.export.run import run_export
 
     out = tmp_path_factory.mktemp(f"tiny_{precision}")
     run_export(ExportOptions(model=str(tiny_dir), precision=precision, out=out))

@@ -9,7 +9,7 @@ import pytest
 
 from trtvae.cli import main
 from trtvae.errors import OptionError
-from trtvae.manifest import sha256_file
+from trtvae.files import sha256_file
 from trtvae.triton import write_triton_repo
 
 

@@ -11,7 +11,7 @@ def __getattr__(name):
 
         return getattr(runtime, name)
     if name == "attach":
-        from .pipelines import attach
+        from .swap import attach
 
         return attach
     raise AttributeError(f"module 'trtvae' has no attribute {name!r}")

@@ -28,10 +28,16 @@ class ComponentSpec:
     # Symbolic dims of input and output, as written into the ONNX graph and manifest.
     input_dims: tuple
     output_dims: tuple
+    # The AutoencoderKL submodules the graph runs, in order (absent ones, like SD3's quant convs, are skipped).
+    modules: tuple = ()
 
     def output_shape(self, input_shape: tuple) -> tuple:
         b, _, h, w = input_shape
         return (b, self.out_channels, h * self.upscale // self.downscale, w * self.upscale // self.downscale)
+
+    def owns(self, module_name: str) -> bool:
+        """Whether the AutoencoderKL submodule `module_name` (a dotted path) is part of this graph."""
+        return any(module_name == r or module_name.startswith(r + ".") for r in self.modules)
 
     @property
     def input_multiple(self) -> int:
@@ -62,6 +68,7 @@ def component_specs(config: Mapping) -> dict:
             downscale=1,
             input_dims=(lat_dims[0], latent, *lat_dims[1:]),
             output_dims=(img_dims[0], image_out, *img_dims[1:]),
+            modules=("post_quant_conv", "decoder"),
         ),
         ENCODER: ComponentSpec(
             name=ENCODER,
@@ -73,6 +80,7 @@ def component_specs(config: Mapping) -> dict:
             downscale=f,
             input_dims=(img_dims[0], image_in, *img_dims[1:]),
             output_dims=(lat_dims[0], 2 * latent, *lat_dims[1:]),
+            modules=("encoder", "quant_conv"),
         ),
     }
 

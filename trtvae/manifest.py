@@ -5,14 +5,11 @@ loader needs to know about them lives here, next to them.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import TrtvaeError
+from .files import atomic_path, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -21,41 +18,6 @@ FORMAT = "trtvae"
 
 class ManifestError(TrtvaeError, ValueError):
     pass
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temp path in the destination's folder; rename it over `path` only on success.
-
-    A reader never sees a half-written file under the final name: the rename is atomic
-    on one file system, and an interrupted write leaves only a `.tmp` file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared with servers and users
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_manifest(directory, manifest: dict) -> Path:
@@ -121,3 +83,17 @@ def referenced_files(manifest: dict) -> set:
             files.add(entry["onnx"])
         files.update(v["file"] for v in entry.values() if isinstance(v, dict) and isinstance(v.get("file"), str))
     return files
+
+
+def engines(manifest: dict) -> dict:
+    """{component: engine entry} of the components that have a TensorRT engine."""
+    return {name: c["engine"] for name, c in manifest.get("components", {}).items() if "engine" in c}
+
+
+def has_engines(manifest: dict) -> bool:
+    return bool(engines(manifest))
+
+
+def engine_profiles(entry: dict, input_name: str) -> list:
+    """An engine's profiles for its one input as [{min, opt, max}]."""
+    return [p[input_name] for p in entry["profiles"]]

@@ -8,12 +8,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from . import defaults
 from .components import ComponentSpec
 from .errors import OptionError
-
-DEFAULT_BATCH = (1, 4)
-DEFAULT_RESOLUTION = (512, 1536)
-DEFAULT_OPT = 1024
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ def parse_static(text: str) -> tuple:
     return int(m.group(2)), int(m.group(1))
 
 
-def make_profile(factor: int, batch="1-4", resolution="512-1536", opt=None, static=None,
+def make_profile(factor: int, batch=defaults.BATCH, resolution=defaults.RESOLUTION, opt=None, static=None,
                  opt_batch=None) -> ImageProfile:
     """Validate user terms and build an ImageProfile. Everything wrong is reported before any work."""
     b_lo, b_hi = parse_range(batch, "--batch")
@@ -67,7 +64,7 @@ def make_profile(factor: int, batch="1-4", resolution="512-1536", opt=None, stat
         height, width = (h, h, h), (w, w, w)
     else:
         lo, hi = parse_range(resolution, "--resolution")
-        o = _int(str(opt), "--opt") if opt is not None else min(max(DEFAULT_OPT, lo), hi)
+        o = _int(str(opt), "--opt") if opt is not None else min(max(defaults.OPT, lo), hi)
         if not lo <= o <= hi:
             raise OptionError(f"--opt {o} is outside --resolution {lo}-{hi}")
         height = width = (lo, o, hi)

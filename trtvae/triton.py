@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 
 from .errors import OptionError
-from .manifest import atomic_path, component_file, read_manifest
+from . import defaults
+from .files import atomic_path
+from .manifest import component_file, read_manifest
 
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 BACKENDS = ("tensorrt", "onnx")
@@ -46,7 +48,8 @@ def config_pbtxt(name: str, platform: str, max_batch: int, io: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str = "vae", max_batch: int = 4) -> list:
+def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str = defaults.TRITON_PREFIX,
+                      max_batch: int = defaults.TRITON_MAX_BATCH) -> list:
     """Write one Triton model per component; return the model folders written."""
     if backend not in BACKENDS:
         raise OptionError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")

@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import defaults
 from ..errors import ExportError
-from ..manifest import atomic_path
+from ..files import atomic_path
 from ..profiles import component_shapes
 from .progress import console
 
@@ -28,8 +29,8 @@ _PRECISION_TYPES = {"fp32": "FLOAT", "fp16": "HALF", "bf16": "BF16"}
 class EngineOptions:
     profiles: list = field(default_factory=list)  # ImageProfile
     profile_options: list = field(default_factory=list)  # the user's text, for the rebuild command
-    optimization_level: int = 3
-    workspace_gib: float | None = 8.0
+    optimization_level: int = defaults.BUILDER_OPTIMIZATION_LEVEL
+    workspace_gib: float | None = defaults.WORKSPACE_GIB
 
 
 def engines_unavailable_reason() -> str | None:

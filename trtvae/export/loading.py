@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from .. import defaults
 from ..errors import ModelLoadError
-from ..manifest import sha256_file
+from ..files import sha256_file
 
-DEFAULT_MODEL = "madebyollin/sdxl-vae-fp16-fix"
 DEMO = "demo"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 _PICKLE_WHY = (
@@ -40,7 +40,7 @@ def sdxl_vae_config() -> dict:
     return json.loads(text)
 
 
-def load_vae(model: str = DEFAULT_MODEL, allow_pickle: bool = False, subfolder: str | None = None) -> LoadedVae:
+def load_vae(model: str = defaults.MODEL, allow_pickle: bool = False, subfolder: str | None = None) -> LoadedVae:
     if model == DEMO:
         return load_demo()
     path = Path(os.path.expanduser(model))

@@ -16,8 +16,8 @@ from torch.export import Dim
 
 from ..components import ComponentSpec
 from ..errors import ExportError
-from ..manifest import atomic_path
-from .precision import ONNX_DTYPE_NAME, OPSET, TORCH_DTYPE
+from ..files import atomic_path
+from ..precision import DTYPE_NAME, OPSET, torch_dtype
 from .wrappers import component_module
 
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for a single-file model
@@ -31,14 +31,14 @@ def example_input(spec: ComponentSpec, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(2, spec.in_channels, h, w, generator=torch.Generator().manual_seed(0)).to(dtype)
 
 
-def _dynamic_shapes(spec: ComponentSpec) -> dict:
+def _dynamic_shapes(spec: ComponentSpec) -> tuple:
     # diffusers' Upsample2D calls .contiguous() on batches >= 64 (a no-op in the graph); without a bound
     # torch.export reports that guard as a violation and the ONNX exporter falls back to a second,
     # slower trace. The ONNX graph carries no range, so larger batches still run.
     batch, lh, lw = Dim("batch", max=63), Dim("latent_height"), Dim("latent_width")
     if spec.downscale > 1:
         lh, lw = spec.downscale * lh, spec.downscale * lw
-    return {spec.input_name: {0: batch, 2: lh, 3: lw}}
+    return ({0: batch, 2: lh, 3: lw},)  # positional: the graph's one input
 
 
 def export_onnx(vae, spec: ComponentSpec, precision: str, path, fp32_norm: bool = False) -> tuple:
@@ -47,12 +47,12 @@ def export_onnx(vae, spec: ComponentSpec, precision: str, path, fp32_norm: bool 
     Returns the checked model and the sha256 of the bytes written, hashed from memory so
     a 100 MB graph is not read back from disk.
     """
-    dtype = TORCH_DTYPE[precision]
+    dtype = torch_dtype(precision)
     # The exporter logs a warning per missing torchvision op; none of them are used here.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     module = component_module(vae, spec.name, dtype)
     if fp32_norm:
-        from .fp32_norm import keep_norms_fp32
+        from .fp16.fp32_norm import keep_norms_fp32
 
         keep_norms_fp32(module)
     with warnings.catch_warnings(), torch.no_grad():
@@ -121,7 +121,7 @@ def check_graph(model: onnx.ModelProto, spec: ComponentSpec, precision: str, ser
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{where} fails onnx's checker: {e}") from e
     inputs, outputs = describe_io(model.graph.input), describe_io(model.graph.output)
-    expected_type = ONNX_DTYPE_NAME[precision]
+    expected_type = DTYPE_NAME[precision]
     for io, wanted_name, wanted_dims in ((inputs, spec.input_name, spec.input_dims),
                                          (outputs, spec.output_name, spec.output_dims)):
         if len(io) != 1 or io[0]["name"] != wanted_name:

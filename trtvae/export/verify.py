@@ -1,7 +1,8 @@
 """Accuracy of an exported runtime against the PyTorch fp32 reference of the same weights.
 
 The reference runs through diffusers' own `AutoencoderKL.decode` / `.encode`, in fp32,
-outside autocast (autocast would run its convolutions in reduced precision).
+outside autocast (autocast would run its convolutions in reduced precision). Results are
+collected into a report first and judged after (`verify_export`), as Polygraphy's comparator does.
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
+from .. import defaults
 from ..components import DECODER, ENCODER, ComponentSpec
+from ..errors import VerificationError
+from ..manifest import has_engines
 from ..metrics import REL_L2_THRESHOLD, ErrorStats, compare, passes
+from .progress import console, stage
 
-# Latent sizes (h, w) and batches: batch > 1, a non-square size, sizes not powers of two.
-DEFAULT_LATENT_SHAPES = ((2, 8, 8), (1, 10, 14), (1, 13, 7))
 
 
 @dataclass
@@ -103,7 +106,7 @@ def reference(vae, component: str, x: torch.Tensor):
 
 
 def verify_runtime(vae, runtime, specs: dict, precision: str, components=(DECODER, ENCODER),
-                   latent_shapes=DEFAULT_LATENT_SHAPES, report: VerifyReport | None = None,
+                   latent_shapes=defaults.VERIFY_LATENT_SHAPES, report: VerifyReport | None = None,
                    grid_path=None) -> VerifyReport:
     """Run `runtime` and the fp32 reference at several shapes; append one row per checked tensor.
 
@@ -154,7 +157,7 @@ def verify_engines(vae, trt_vae, specs: dict, precision: str, components, report
     config = vae.config
     for name in components:
         spec = specs[name]
-        for p, shapes in enumerate(trt_vae._profiles.get(name, [])):
+        for p, shapes in enumerate(trt_vae.profiles.get(name, [])):
             for i, shape in enumerate(verify_shapes(shapes, spec.input_multiple)):
                 b, _, h, w = shape
                 if name == DECODER:
@@ -177,3 +180,58 @@ def verify_engines(vae, trt_vae, specs: dict, precision: str, components, report
                              compare(dist.mean, ort_vae.encode(x).latent_dist.mean), trt_vae)
     del ref_vae
     return report
+
+
+def verify_export(vae, out, manifest: dict, specs: dict, precision: str, components, grid_path=None) -> dict:
+    """Every runtime that can run the export here against the reference; the manifest's `verify` record.
+
+    Raises VerificationError (so no manifest is written) when a check misses its threshold.
+    """
+    from ..runtime.ort import OrtVae
+
+    notes = []
+    try:
+        ort_cpu = OrtVae(out, manifest, providers=["CPUExecutionProvider"])
+    except (ImportError, ValueError) as e:
+        ort_cpu = None
+        notes.append(f"onnxruntime: {e}")
+    engines_built = has_engines(manifest)
+    if ort_cpu is None and not engines_built:
+        console.print(f"[yellow]! verify not run:[/] {notes[0]}")
+        return {"status": "not_run", "reason": notes[0]}
+    report = VerifyReport(precision)
+    with stage("verify vs PyTorch fp32") as info:
+        if ort_cpu is not None:
+            verify_runtime(vae, ort_cpu, specs, precision, components=components, report=report, grid_path=grid_path)
+        if engines_built:
+            from ..runtime.trt import TRTVae
+
+            ort_gpu = _ort_cuda(out, manifest, notes)
+            verify_engines(vae, TRTVae(out, manifest), specs, precision, components, report, ort_gpu)
+        info["detail"] = f"{len(report.rows)} checks"
+    console.print(report.table())
+    for note in notes:
+        console.print(f"[yellow]! not compared:[/] {note}")
+    if not report.passed:
+        worst = report.failures()[0]
+        raise VerificationError(
+            f"{len(report.failures())} accuracy check(s) failed, e.g. {worst.tensor} ({worst.backend}) at "
+            f"{'×'.join(map(str, worst.shape))}: rel L2 {worst.stats.rel_l2:.2e}, {worst.stats.nonfinite} NaN/inf. "
+            f"No manifest was written; the files in {out} are left for inspection"
+        )
+    return {"status": "passed", **report.as_dict(), **({"not_compared": notes} if notes else {})}
+
+
+def _ort_cuda(out, manifest: dict, notes: list):
+    """ONNX Runtime on the GPU, to compare engines with at full size; None (noted) where it is missing."""
+    from ..runtime.ort import OrtVae
+
+    try:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise ImportError("TensorRT vs ONNX Runtime needs onnxruntime-gpu (CUDAExecutionProvider)")
+        return OrtVae(out, manifest, providers=["CUDAExecutionProvider"])
+    except (ImportError, ValueError) as e:
+        notes.append(str(e))
+        return None

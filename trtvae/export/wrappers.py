@@ -1,48 +1,44 @@
-"""The two traced graphs as modules: exactly what diffusers runs for encode and decode, minus sampling."""
+"""The traced graphs as modules: exactly what diffusers runs for encode and decode, minus sampling.
+
+Which submodules make up each graph is declared once, in `components.py`. The encoder graph ends
+at the mean and logvar: sampling stays outside, so the runtime's DiagonalGaussianDistribution is
+reproducible with a generator.
+"""
 from __future__ import annotations
 
 import copy
 
 import torch
-from diffusers import AutoencoderKL
 
-from ..components import DECODER, ENCODER
+from ..components import ComponentSpec, component_specs
 
 
-class DecoderGraph(torch.nn.Module):
-    """post_quant_conv + decoder: latent_sample [B, C, h, w] → sample [B, 3, f·h, f·w]."""
+class ComponentGraph(torch.nn.Module):
+    """The spec's AutoencoderKL submodules, run in order, under their own names (post_quant_conv, decoder...)."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae, spec: ComponentSpec):
         super().__init__()
-        self.post_quant_conv = vae.post_quant_conv if vae.post_quant_conv is not None else torch.nn.Identity()
-        self.decoder = vae.decoder
+        self.order = []
+        for name in spec.modules:
+            module = getattr(vae, name, None)
+            if module is not None:  # SD3/FLUX have no quant convs
+                self.add_module(name, module)
+                self.order.append(name)
 
-    def forward(self, latent_sample):
-        return self.decoder(self.post_quant_conv(latent_sample))
-
-
-class EncoderGraph(torch.nn.Module):
-    """encoder + quant_conv: sample [B, 3, H, W] → latent_parameters [B, 2C, H/f, W/f] (mean, logvar).
-
-    Sampling stays outside: the runtime wraps the parameters in diffusers'
-    DiagonalGaussianDistribution, so results are reproducible with a generator.
-    """
-
-    def __init__(self, vae: AutoencoderKL):
-        super().__init__()
-        self.encoder = vae.encoder
-        self.quant_conv = vae.quant_conv if vae.quant_conv is not None else torch.nn.Identity()
-
-    def forward(self, sample):
-        return self.quant_conv(self.encoder(sample))
+    def forward(self, x):
+        for name in self.order:
+            x = getattr(self, name)(x)
+        return x
 
 
-_GRAPHS = {DECODER: DecoderGraph, ENCODER: EncoderGraph}
+def component_graph(vae, component: str) -> ComponentGraph:
+    """The graph of one component, sharing `vae`'s weights."""
+    return ComponentGraph(vae, component_specs(vae.config)[component])
 
 
-def component_module(vae: AutoencoderKL, component: str, dtype: torch.dtype) -> torch.nn.Module:
+def component_module(vae, component: str, dtype: torch.dtype) -> torch.nn.Module:
     """A copy of one component in `dtype`, leaving the fp32 model intact as the reference."""
-    graph = _GRAPHS[component](vae)
+    graph = component_graph(vae, component)
     # Seed deepcopy's memo with already-cast tensors, so no full-precision copy is ever made.
     memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in graph.parameters()}
     memo.update({id(b): b.detach().to(dtype) if b.is_floating_point() else b.clone() for b in graph.buffers()})

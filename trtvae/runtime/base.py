@@ -16,11 +16,9 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 from ..components import DECODER, ENCODER, ComponentSpec, component_specs, spatial_factor
 from ..manifest import read_manifest
+from ..precision import torch_dtype
 from .compat import ModuleHabitsMixin
 from .tiling import TilingMixin
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class VaeRuntime(TilingMixin, ModuleHabitsMixin):
     """What `OrtVae` and `TRTVae` share. Construct through `from_pretrained(DIR)`."""
@@ -36,7 +34,7 @@ class VaeRuntime(TilingMixin, ModuleHabitsMixin):
         # try to upcast this object to fp32 (it would call .to() and read module parameters).
         config["force_upcast"] = False
         self.config = FrozenDict(config)
-        self.dtype: torch.dtype = TORCH_DTYPES[manifest["io_dtype"]]
+        self.dtype: torch.dtype = torch_dtype(manifest["io_dtype"])
         self.spatial_factor = spatial_factor(config)
         self._init_tiling()
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import shlex
 
+from .. import defaults
 from ..errors import TrtvaeError
+from ..manifest import engines
 
 
 class EngineMismatchError(TrtvaeError, RuntimeError):
@@ -34,13 +36,14 @@ def rebuild_command(manifest: dict, directory) -> str:
             cmd.append(flag)
     profiles = opts.get("profiles")
     if profiles is None:  # manifests written before export_options: the engines' own record
-        engines = [c["engine"] for c in manifest.get("components", {}).values() if "engine" in c]
-        profiles = engines[0].get("build", {}).get("profile_options", []) if engines else []
+        built = list(engines(manifest).values())
+        profiles = built[0].get("build", {}).get("profile_options", []) if built else []
     for p in profiles:
         cmd += ["--profile", p]
-    if opts.get("builder_optimization_level", 3) != 3:
-        cmd += ["--builder-optimization-level", str(opts["builder_optimization_level"])]
-    if opts.get("workspace_gib", 8.0) not in (8.0, None):
+    level = opts.get("builder_optimization_level", defaults.BUILDER_OPTIMIZATION_LEVEL)
+    if level != defaults.BUILDER_OPTIMIZATION_LEVEL:
+        cmd += ["--builder-optimization-level", str(level)]
+    if opts.get("workspace_gib", defaults.WORKSPACE_GIB) not in (defaults.WORKSPACE_GIB, None):
         cmd += ["--workspace", str(opts["workspace_gib"])]
     return shlex.join(cmd)
 
@@ -65,8 +68,3 @@ def check_engine(component: str, entry: dict, trt_version: str, capability: str,
             f"{component} engine {entry.get('file')} cannot run here: {'; '.join(problems)}. "
             f"Rebuild it on this machine: {rebuild_command(manifest, directory)}"
         )
-
-
-def input_profiles(entry: dict, input_name: str) -> list:
-    """The engine's profiles for its one input as [{min, opt, max}], from the manifest."""
-    return [p[input_name] for p in entry["profiles"]]

@@ -21,7 +21,15 @@ def _ort():
 
 
 class OrtVae(VaeRuntime):
-    """The exported VAE on ONNX Runtime. Sessions are created on first use of each component."""
+    """The exported VAE on ONNX Runtime. Sessions are created on first use of each component.
+
+    Args:
+        directory: the export folder (holding manifest.json and the .onnx files it names).
+        manifest: its parsed manifest; `from_pretrained(directory)` reads it for you.
+        providers: ONNX Runtime execution providers in order of preference; None takes CUDA where
+            onnxruntime-gpu offers it, else the CPU.
+        session_options: an `onnxruntime.SessionOptions` for every session.
+    """
 
     backend = "onnxruntime"
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
+from .. import defaults
 from ..components import DECODER
 
 # diffusers' blending, reused rather than copied; neither function reads `self`.
@@ -53,12 +54,12 @@ class TilingMixin:
     def _init_tiling(self) -> None:
         self.use_slicing = False
         self.use_tiling = False
-        sample_size = self.config.get("sample_size", 1024)
+        sample_size = self.config.get("sample_size", defaults.TILE_SAMPLE_SIZE)
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]
         self.tile_sample_min_size = int(sample_size)
         self.tile_latent_min_size = int(sample_size / self.spatial_factor)
-        self.tile_overlap_factor = 0.25
+        self.tile_overlap_factor = defaults.TILE_OVERLAP_FACTOR
         self._noticed: set = set()
 
     def enable_tiling(self) -> None:

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..manifest import component_file
+from .. import defaults
+from ..manifest import component_file, engine_profiles, engines
 from ..profiles import batch_ranges, describe_ranges, select_profile, spatial_limits
 from .base import VaeRuntime
 from .contexts import ContextPool
-from .engine_check import EngineMismatchError, check_engine, input_profiles, rebuild_command
+from .engine_check import EngineMismatchError, check_engine, rebuild_command
 
 
 trt = None  # the tensorrt module, imported when a TRTVae is made: `import trtvae` must work without it
@@ -46,7 +47,6 @@ class _Slot:
     graph: tuple | None = None  # (CUDAGraph, static input, static output)
 
 
-GRAPH_SLOTS = 16
 _CAPTURE_LOCK = threading.Lock()
 
 
@@ -56,7 +56,16 @@ class TRTVae(VaeRuntime):
     Thread safety: one execution context per (component, profile), each behind a lock and with
     its own CUDA stream, so concurrent calls are correct; calls on the same engine and profile
     run one at a time. With `cuda_graphs=True` there is one context and graph per shape
-    (at most GRAPH_SLOTS, least recently used dropped first).
+    (at most `defaults.GRAPH_SLOTS`, least recently used dropped first).
+
+    Args:
+        directory: the export folder (holding manifest.json and the .plan files it names).
+        manifest: its parsed manifest; `from_pretrained(directory)` reads it for you.
+        device: the CUDA device to run on ("cuda" means the current one).
+        cuda_graphs: capture and replay one CUDA graph per repeated input shape.
+
+    Attributes:
+        profiles: {component: [{"min", "opt", "max"} input shapes]} of each engine, as the manifest says.
     """
 
     backend = "tensorrt"
@@ -70,7 +79,7 @@ class TRTVae(VaeRuntime):
         if self._device.index is None:
             self._device = torch.device("cuda", torch.cuda.current_device())
         major, minor = torch.cuda.get_device_capability(self._device)
-        entries = {name: c["engine"] for name, c in manifest["components"].items() if "engine" in c}
+        entries = engines(manifest)
         if not entries:
             raise EngineMismatchError(
                 f"{directory} has no TensorRT engines (it was exported where TensorRT or a GPU was missing). "
@@ -78,13 +87,13 @@ class TRTVae(VaeRuntime):
             )
         for name, entry in entries.items():  # before any plan is deserialized
             check_engine(name, entry, trt.__version__, f"{major}.{minor}", manifest, directory)
-        self._profiles = {name: input_profiles(entry, self._specs[name].input_name) for name, entry in entries.items()}
+        self.profiles = {name: engine_profiles(entry, self._specs[name].input_name) for name, entry in entries.items()}
         self.cuda_graphs = cuda_graphs
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         self._engines: dict = {}
         self._engine_lock = threading.Lock()
         # With CUDA graphs a slot per shape; each pins its memory, so the least recently used go first.
-        self._pool = ContextPool(self._new_slot, max_items=GRAPH_SLOTS if cuda_graphs else None,
+        self._pool = ContextPool(self._new_slot, max_items=defaults.GRAPH_SLOTS if cuda_graphs else None,
                                  on_evict=lambda slot: slot.stream.synchronize())  # its GPU work may still run
 
     @property
@@ -93,22 +102,22 @@ class TRTVae(VaeRuntime):
 
     # --- hooks used by the shared base -----------------------------------------------
     def _batch_ranges(self, component: str, shape: tuple) -> list:
-        ranges = batch_ranges(self._profiles.get(component, []), shape)
+        ranges = batch_ranges(self.profiles.get(component, []), shape)
         return ranges or super()._batch_ranges(component, shape)
 
     def _spatial_limits(self, component: str):
-        return spatial_limits(self._profiles[component]) if component in self._profiles else None
+        return spatial_limits(self.profiles[component]) if component in self.profiles else None
 
     def _run(self, component: str, x: torch.Tensor) -> torch.Tensor:
         spec = self._specs[component]
-        if component not in self._profiles:
-            raise ValueError(f"this export has no {component} engine; it has: {sorted(self._profiles)}")
+        if component not in self.profiles:
+            raise ValueError(f"this export has no {component} engine; it has: {sorted(self.profiles)}")
         shape = tuple(x.shape)
-        index = select_profile(self._profiles[component], shape)
+        index = select_profile(self.profiles[component], shape)
         if index is None:
             raise ValueError(
                 f"{component} input {spec.input_name!r}: shape {shape} is outside every engine profile "
-                f"({describe_ranges(self._profiles[component])}); enable tiling or rebuild with a wider --profile"
+                f"({describe_ranges(self.profiles[component])}); enable tiling or rebuild with a wider --profile"
             )
         source_device = x.device
         with torch.cuda.device(self._device):  # TensorRT works on the current device, not x's

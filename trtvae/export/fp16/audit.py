@@ -15,6 +15,9 @@ Recorded per layer (forward hooks on the fp32 model, max over all calibration in
 
 The verdict `fp16_safe` is about stored activations: every `max_abs` at least
 HEADROOM_BITS below 65504, since real images can be rougher than the calibration set.
+`audit_model` is the one entry: calibrate → measure → annotate (which rescaling variable
+each layer moves with). It judges nothing beyond the result's own verdict properties;
+what to do about it is `decide.py`'s.
 """
 from __future__ import annotations
 
@@ -25,21 +28,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..components import DECODER, ENCODER
+from ...components import COMPONENTS, component_specs
+from ..wrappers import component_graph
 from .calibration import calibration_inputs
+from .limits import FP16_MAX, HEADROOM_BITS, margin_bits
 from .rescale import RescaleError, plan_for
-
-FP16_MAX = 65504.0
-HEADROOM_BITS = 1.0
-
-
-def margin_bits(value: float, limit: float = FP16_MAX) -> float:
-    """How many doublings `value` can take before reaching `limit` (negative: already over)."""
-    if value is None or value <= 0:
-        return math.inf
-    if not math.isfinite(value):
-        return -math.inf
-    return math.log2(limit / value)
 
 
 @dataclass
@@ -82,6 +75,7 @@ class AuditResult:
     outputs: dict = field(default_factory=dict, repr=False)  # component → [graph output per input]
     plan_error: str | None = None
     plans: dict = field(default_factory=dict, repr=False)  # component → rescale.Plan
+    inputs: dict = field(default_factory=dict, repr=False)  # the calibration: component → [(label, tensor)]
     seconds: float = 0.0
 
     # -- verdict -------------------------------------------------------------
@@ -173,13 +167,6 @@ def _kind(module) -> str | None:
     return {"ResnetBlock2D": "resnet", "Attention": "attention"}.get(name)
 
 
-_ROOTS = {DECODER: ("post_quant_conv", "decoder"), ENCODER: ("encoder", "quant_conv")}
-
-
-def _under(name: str, roots) -> bool:
-    return any(name == r or name.startswith(r + ".") for r in roots)
-
-
 class _Recorder:
     def __init__(self, component: str):
         self.component = component
@@ -233,10 +220,11 @@ def _max_abs(t: torch.Tensor) -> float:
 
 
 def _hook(vae, component: str, recorder: _Recorder) -> list:
+    spec = component_specs(vae.config)[component]
     handles = []
     for name, module in vae.named_modules():
         kind = _kind(module)
-        if kind is None or not _under(name, _ROOTS[component]):
+        if kind is None or not spec.owns(name):
             continue
         if kind == "norm":
             handles.append(module.register_forward_pre_hook(recorder.norm_input_hook(name)))
@@ -248,23 +236,15 @@ def _hook(vae, component: str, recorder: _Recorder) -> list:
     return handles
 
 
-def _graph(vae, component):
-    from .wrappers import DecoderGraph, EncoderGraph
-
-    return (DecoderGraph if component == DECODER else EncoderGraph)(vae)
-
-
 @torch.no_grad()
-def run_audit(vae, components=(DECODER, ENCODER), calibration: dict | None = None) -> AuditResult:
-    """Audit `vae` (fp32, unchanged) on `calibration` (default: made here, see calibration.py)."""
-    start = time.perf_counter()
+def measure(vae, components, calibration: dict) -> AuditResult:
+    """Run the fp32 graphs of `components` on `calibration` with hooks; the per-layer maxima."""
+    layers, outputs, described = [], {}, []
     with torch.autocast("cpu", enabled=False):
-        calibration = calibration or calibration_inputs(vae, components)
-        layers, outputs, described = [], {}, []
         for component in components:
             recorder = _Recorder(component)
             handles = _hook(vae, component, recorder)
-            graph = _graph(vae, component)
+            graph = component_graph(vae, component)
             try:
                 outputs[component] = [graph(x.float()) for _, x in calibration[component]]
             finally:
@@ -273,14 +253,12 @@ def run_audit(vae, components=(DECODER, ENCODER), calibration: dict | None = Non
             layers += recorder.stats.values()
             described += [{"component": component, "label": label, "shape": list(x.shape)}
                           for label, x in calibration[component]]
-    result = AuditResult(layers, described, outputs)
-    _attach_plan(vae, components, result)
-    result.seconds = time.perf_counter() - start
-    return result
+    return AuditResult(layers, described, outputs)
 
 
-def _attach_plan(vae, components, result: AuditResult) -> None:
+def annotate(vae, result: AuditResult) -> None:
     """Mark each layer with the rescaling variable it moves with, if the model can be rescaled."""
+    components = tuple(result.outputs)
     try:
         plans = {c: plan_for(vae, c) for c in components}
     except RescaleError as e:
@@ -292,3 +270,17 @@ def _attach_plan(vae, components, result: AuditResult) -> None:
         s.scale_group = plan.scale_of(s.name, "out")
         if s.input_max_abs is not None:
             s.input_scale_group = plan.scale_of(s.name, "in")
+
+
+def audit_model(vae, components=COMPONENTS, calibration: dict | None = None) -> AuditResult:
+    """Audit `vae` (fp32, unchanged): calibrate (unless `calibration` is given) → measure → annotate.
+
+    The calibration used is kept on the result, so a rescaled copy is audited on the same inputs.
+    """
+    start = time.perf_counter()
+    calibration = calibration or calibration_inputs(vae, components)
+    result = measure(vae, components, calibration)
+    annotate(vae, result)
+    result.inputs = calibration
+    result.seconds = time.perf_counter() - start
+    return result

@@ -17,13 +17,14 @@ import torch
 
 from conftest import make_tiny_vae
 from trtvae.errors import ExportError, VerificationError
-from trtvae.export.audit import FP16_MAX, run_audit
-from trtvae.export.calibration import calibration_inputs
-from trtvae.export.fp16_safety import prepare_fp16, rescale
-from trtvae.export.fp32_norm import Fp32StatsGroupNorm, keep_norms_fp32
-from trtvae.export.pipeline import ExportOptions, run_export
-from trtvae.export.rescale import (
-    ACT_TARGET,
+from trtvae.export.fp16.audit import audit_model
+from trtvae.export.fp16.calibration import calibration_inputs
+from trtvae.export.fp16.fp32_norm import Fp32StatsGroupNorm, keep_norms_fp32
+from trtvae.export.fp16.limits import ACT_TARGET, FP16_MAX
+from trtvae.export.fp16.safety import make_fp16_safe, rescale
+from trtvae.export.options import ExportOptions
+from trtvae.export.run import run_export
+from trtvae.export.fp16.rescale import (
     RescaleError,
     choose_exponents,
     plan_for,
@@ -88,7 +89,7 @@ def calibration(original):
 
 @pytest.fixture(scope="module")
 def audits(original, planted, calibration):
-    return run_audit(original, COMPONENTS, calibration), run_audit(planted, COMPONENTS, calibration)
+    return audit_model(original, COMPONENTS, calibration), audit_model(planted, COMPONENTS, calibration)
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +173,8 @@ def test_cli_audit_without_json_writes_the_plot_here_and_says_where(tiny_dir, tm
 
 
 def test_audit_table_shows_the_norm_column_only_when_it_has_figures():
-    from trtvae.export.audit import AuditResult, LayerStat
-    from trtvae.export.audit_report import audit_table, norm_line
+    from trtvae.export.fp16.audit import AuditResult, LayerStat
+    from trtvae.export.fp16.report import audit_table, norm_line
 
     result = AuditResult(layers=[
         LayerStat("decoder.conv_in", "decoder", "conv", max_abs=20.0, scale_group="decoder.conv_in"),
@@ -213,7 +214,7 @@ def test_no_rescale_export_fails_verify_and_writes_no_manifest(no_rescale_dir):
 
 def test_rescale_is_exact_and_brings_maxima_inside_fp16(planted, audits, calibration):
     weights = _weights(planted)
-    done = rescale(planted, audits[1], calibration)
+    done = rescale(planted, audits[1])
     assert done.rel_error <= 1e-5
     assert done.after.fp16_safe and done.after.worst.max_abs <= ACT_TARGET
     assert done.after.worst.max_abs > ACT_TARGET / 2 ** 4  # not pushed towards subnormals
@@ -254,9 +255,9 @@ def test_rescale_is_a_noop_on_the_safe_sdxl_demo():
 
     vae = load_demo().vae
     weights = _weights(vae)
-    exported, record = prepare_fp16(vae, COMPONENTS, out=None)
+    exported, record = make_fp16_safe(vae, COMPONENTS, out=None)
     assert exported is vae and record["audit"]["fp16_safe"] is True and record["rescale"]["applied"] is False
-    audit = run_audit(vae, ("decoder",), calibration_inputs(vae, ("decoder",), latent_sizes=((4, 4),)))
+    audit = audit_model(vae, ("decoder",), calibration_inputs(vae, ("decoder",), latent_sizes=((4, 4),)))
     assert choose_exponents(audit.plans, audit.peaks()) == {}
     copy_ = rescaled_copy(vae, audit.plans, {})
     assert all(torch.equal(v, copy_.state_dict()[k]) for k, v in weights.items())
@@ -343,16 +344,16 @@ def test_fp32_norm_with_rescaling_on_the_planted_model(planted_dir, original, tm
 
 
 def test_overflow_rescaling_cannot_reach_stops_unless_fp32_norm_or_no_rescale(planted, monkeypatch, tmp_path, capsys):
-    from trtvae.export.audit import AuditResult
+    from trtvae.export.fp16.audit import AuditResult
 
     monkeypatch.setattr(AuditResult, "rescale_possible", property(lambda self: False))
     with pytest.raises(ExportError, match="--no-rescale or --fp32-norm"):
-        prepare_fp16(planted, ("decoder",), out=tmp_path / "stopped")
+        make_fp16_safe(planted, ("decoder",), out=tmp_path / "stopped")
     # The audit files are written before stopping, so the reason can be looked at.
     assert json.loads((tmp_path / "stopped" / "fp16_audit.json").read_text())["recommendation"] == "bf16-or-fp32"
     assert (tmp_path / "stopped" / "fp16_audit.png").read_bytes()[:8] == PNG_MAGIC
     capsys.readouterr()
-    exported, record = prepare_fp16(planted, ("decoder",), out=None, fp32_norm=True)
+    exported, record = make_fp16_safe(planted, ("decoder",), out=None, fp32_norm=True)
     # Exported as asked, not rescaled: verify (not run here) is left to judge the overflowing graph.
     assert exported is planted and record["rescale"] == {"applied": False} and record["fp32_norm"] is True
     assert record["audit"]["fp16_safe"] is False and record["audit"]["recommendation"] == "bf16-or-fp32"
@@ -391,7 +392,7 @@ def test_unknown_architecture_is_refused_with_a_clear_message(planted):
     odd_planted = rescaled_copy(planted, {}, {})
     odd_planted.decoder.mid_block.attentions[0].set_processor(OddProcessor())
     with pytest.raises(ExportError, match="bf16 or fp32"):
-        prepare_fp16(odd_planted, ("decoder",), out=None)
+        make_fp16_safe(odd_planted, ("decoder",), out=None)
 
 
 def test_scale_choice_only_scales_down_by_powers_of_two(original, audits):

@@ -10,10 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# (height, width) of the latents; images are these times the spatial factor (64 and 96×128 px
-# for SDXL): small enough for a CPU audit of the SDXL-size model, non-square and not all
-# powers of two so no shape is special.
-DEFAULT_LATENT_SIZES = ((8, 8), (12, 16))
+from ... import defaults
+from ...components import DECODER, ENCODER, spatial_factor
+
 
 
 def _gradient(h, w, rng):
@@ -105,10 +104,8 @@ def encoded_latents(vae, images: list) -> list:
     return [(f"latents of {label}", vae.encode(x).latent_dist.mean) for label, x in images]
 
 
-def calibration_inputs(vae, components, latent_sizes=DEFAULT_LATENT_SIZES) -> dict:
+def calibration_inputs(vae, components, latent_sizes=defaults.CALIBRATION_LATENT_SIZES) -> dict:
     """{component: [(label, input)]}; decoder latents need the encoder, whatever is audited."""
-    from ..components import DECODER, ENCODER, spatial_factor
-
     f = spatial_factor(vae.config)
     images = calibration_images([(h * f, w * f) for h, w in latent_sizes], int(vae.config.get("in_channels", 3)))
     out = {}

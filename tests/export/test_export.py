@@ -9,8 +9,10 @@ import onnxruntime as ort
 import pytest
 
 from trtvae.errors import ExportError, VerificationError
-from trtvae.export.pipeline import ExportOptions, run_export
-from trtvae.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from trtvae.export.options import ExportOptions
+from trtvae.export.run import run_export
+from trtvae.files import sha256_file
+from trtvae.manifest import MANIFEST_NAME, read_manifest
 
 
 def _dims(value):
@@ -83,7 +85,7 @@ def test_interrupted_reexport_leaves_no_manifest(tmp_path, tiny_dir, monkeypatch
     run_export(ExportOptions(model=str(tiny_dir), precision="fp32", out=out, verify=False))
     assert (out / MANIFEST_NAME).exists()
 
-    import trtvae.export.pipeline as pipeline
+    import trtvae.export.run as pipeline
 
     real = pipeline.export_onnx
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ExportError
+from ...components import component_specs
+from ...errors import ExportError
+from .limits import ACT_TARGET
 
 ONE = None  # the fixed scale: graph inputs and outputs, and everything computed from a norm's output
 
@@ -193,7 +195,7 @@ def plan_decoder(vae) -> Plan:
     _need(isinstance(dec.conv_norm_out, nn.GroupNorm), "decoder.conv_norm_out is not a GroupNorm (spatial norm?)")
     plan.norm("decoder.conv_norm_out", s)
     plan.affine("decoder.conv_out", ONE, ONE)
-    _check_covered(plan, vae, ("post_quant_conv", "decoder"))
+    _check_covered(plan, vae, "decoder")
     return plan
 
 
@@ -213,19 +215,20 @@ def plan_encoder(vae) -> Plan:
         plan.affine("quant_conv", moments, ONE)
     else:
         plan.affine("encoder.conv_out", ONE, ONE)
-    _check_covered(plan, vae, ("encoder", "quant_conv"))
+    _check_covered(plan, vae, "encoder")
     return plan
 
 
 PLANNERS = {"decoder": plan_decoder, "encoder": plan_encoder}
 
 
-def _check_covered(plan: Plan, vae, roots) -> None:
+def _check_covered(plan: Plan, vae, component: str) -> None:
     """Every module with weights must be in the plan: an unknown one could break exactness."""
+    spec = component_specs(vae.config)[component]
     known = {a.name for a in plan.affines} | {n.name for n in plan.norms}
     stray = []
     for name, module in vae.named_modules():
-        if not any(name == r or name.startswith(r + ".") for r in roots):
+        if not spec.owns(name):
             continue
         if any(True for _ in module.parameters(recurse=False)) and name not in known:
             stray.append(f"{name} ({type(module).__name__})")
@@ -262,11 +265,6 @@ def rescaled_copy(vae, plans: dict, exponents: dict):
     for plan in plans.values():
         apply_scales(copy_, plan, exponents)
     return copy_
-
-
-# Largest activation wanted after rescaling: 4 bits below fp16's 65504, so inputs
-# rougher than the calibration set still fit, and 26 bits above fp16's subnormals.
-ACT_TARGET = 2.0 ** 12
 
 
 def choose_exponents(plans: dict, peaks: dict, target: float = ACT_TARGET) -> dict:

@@ -48,9 +48,16 @@ def attach(pipe, directory, backend: str = "auto", verbose: bool = True, trt_opt
            ort_options: dict | None = None) -> VaeRuntime:
     """Replace `pipe.vae` with the export in `directory` and return the runtime.
 
-    backend: "auto" (TensorRT when it can run, else ONNX Runtime), "tensorrt"/"trt" (fail if it
-    cannot run) or "onnxruntime"/"ort". The choice and its reason are printed when `verbose`
-    and always logged on the "trtvae" logger.
+    The choice and its reason are printed when `verbose` and always logged on the "trtvae" logger.
+
+    Args:
+        pipe: a diffusers pipeline (built with `vae=None` or with the PyTorch VAE it replaces).
+        directory: the export folder (holding manifest.json).
+        backend: "auto" (TensorRT when it can run, else ONNX Runtime), "tensorrt"/"trt" (fail if it
+            cannot run) or "onnxruntime"/"ort".
+        verbose: print which runtime was chosen and why.
+        trt_options: keyword arguments for `TRTVae` (e.g. `cuda_graphs=True`).
+        ort_options: keyword arguments for `OrtVae` (e.g. `providers=[...]`).
     """
     vae, reason = load_runtime(directory, backend, trt_options, ort_options)
     message = f"trtvae: {type(vae).__name__} from {directory} ({reason})"

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from trtvae.errors import ModelLoadError
 from trtvae.export.loading import load_demo, load_vae, sdxl_vae_config
-from trtvae.manifest import sha256_file
+from trtvae.files import sha256_file
 
 
 def test_demo_is_the_sdxl_architecture_and_deterministic():
@@ -128,7 +128,8 @@ def test_single_file_with_original_ldm_keys(tmp_path):
 
 
 def test_a_folder_with_another_models_config_is_refused_in_one_line(tmp_path):
-    from trtvae.export.pipeline import ExportOptions, run_export
+    from trtvae.export.options import ExportOptions
+    from trtvae.export.run import run_export
 
     folder = tmp_path / "unet"
     folder.mkdir()

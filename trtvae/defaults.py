@@ -1,0 +1,36 @@
+"""Every default, written once (torch-tensorrt's `_defaults.py` habit).
+
+argparse, the options dataclasses, the rebuild command and the runtime all read these names,
+so a default never drifts between the CLI and the API.
+"""
+MODEL = "madebyollin/sdxl-vae-fp16-fix"
+PRECISION = "fp16"
+COMPONENTS = "decoder,encoder"
+OUT_ROOT = "engines"  # the export goes to OUT_ROOT/<model-name>/ unless --out says otherwise
+
+# TensorRT engines
+ENGINES = "auto"
+BATCH = "1-4"
+RESOLUTION = "512-1536"
+OPT = 1024  # the image side a ranged profile is tuned for, clamped into its range
+BUILDER_OPTIMIZATION_LEVEL = 3
+WORKSPACE_GIB = 8.0
+GRAPH_SLOTS = 16  # CUDA graphs kept per TRTVae, least recently used dropped first
+
+# Tiling, as diffusers' AutoencoderKL
+TILE_OVERLAP_FACTOR = 0.25
+TILE_SAMPLE_SIZE = 1024  # used when the config has no sample_size
+
+# fp16 audit
+AUDIT_ROWS = 12
+AUDIT_ROWS_EXPORT = 5  # the export prints a shorter table when fp16 is safe
+
+# Triton
+TRITON_PREFIX = "vae"
+TRITON_MAX_BATCH = 4
+
+# Verify: latent (batch, h, w), with batch > 1, a non-square size and sizes that are not powers of two.
+VERIFY_LATENT_SHAPES = ((2, 8, 8), (1, 10, 14), (1, 13, 7))
+# fp16 calibration: latent (h, w); images are these times the spatial factor (64 and 96×128 px for
+# SDXL), small enough for a CPU audit of the SDXL-size model, non-square so no shape is special.
+CALIBRATION_LATENT_SIZES = ((8, 8), (12, 16))

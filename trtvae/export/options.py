@@ -1,0 +1,152 @@
+"""What `vae-export` may be asked, checked before any work starts.
+
+Each field carries its command-line flag and help (`cli`), so `trtvae.cli` builds its parser
+from this dataclass and the API and the CLI cannot drift apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import defaults
+from ..components import parse_components
+from ..errors import OptionError
+from ..precision import PRECISIONS
+from ..profiles import make_profile, parse_profile_option
+from .engine import engines_unavailable_reason
+
+ENGINE_MODES = ("auto", "required", "skip")
+ENGINES_GROUP = "TensorRT engines (built where TensorRT and a CUDA GPU are present)"
+
+
+def cli(*flags: str, group: str | None = None, **argparse_kwargs):
+    """Field metadata: the flag(s) and argparse keywords of one option."""
+    return {"cli": {"flags": flags, "group": group, "kwargs": argparse_kwargs}}
+
+
+def _option(default, *flags, group=None, **kwargs):
+    return field(default=default, metadata=cli(*flags, group=group, **kwargs))
+
+
+@dataclass
+class ExportOptions:
+    """Everything one export is asked to do; `run_export(ExportOptions(...))` runs it.
+
+    Args:
+        model: Hub repo id, local diffusers folder, single .safetensors file, or "demo".
+        precision: "fp32", "fp16" or "bf16": the tensor type inside the graphs.
+        out: output folder (default engines/<model-name>/).
+        components: "decoder,encoder" or a subset, as a string or a sequence of names.
+        verify: compare with the PyTorch fp32 reference and fail on a missed threshold.
+        allow_pickle: accept .ckpt/.bin/.pt weights (pickle can run code).
+        subfolder: subfolder of a Hub repo holding the VAE.
+        engines: "auto" (build where TensorRT and a GPU exist), "required" or "skip".
+        batch, resolution, opt, static: one engine profile (batch MIN-MAX, image side MIN-MAX in
+            pixels, the side it is tuned for, or one fixed WxH size).
+        profile: several profiles, each as "batch=1-4,resolution=512-1024,opt=768"; excludes the above.
+        optimization_level: TensorRT builder optimization level 0-5.
+        workspace_gib: TensorRT workspace cap in GiB.
+        rescale: fp16: rescale exactly when the audit finds overflow.
+        fp32_norm: fp16: keep GroupNorm statistics in fp32 inside the graph.
+    """
+
+    model: str = _option(defaults.MODEL, "--model",
+                         help="Hub repo id, local diffusers folder, single .safetensors file, or 'demo' "
+                              "(default %(default)s)")
+    precision: str = _option(defaults.PRECISION, "--precision", choices=PRECISIONS,
+                             help="tensor type inside the graphs (default %(default)s)")
+    out: Path | None = _option(None, "--out", type=Path, help="output folder (default engines/<model-name>/)")
+    components: tuple | str = _option(defaults.COMPONENTS, "--components",
+                                      help="comma-separated: decoder,encoder (default both)")
+    verify: bool = _option(True, "--verify", action="boolean_optional",
+                           help="compare with the PyTorch fp32 reference and fail on a missed threshold (default on)")
+    rescale: bool = _option(True, "--no-rescale", action="store_false",
+                            help="fp16: do not rescale activations exactly when the audit finds overflow "
+                                 "(verify then fails on the NaNs)")
+    fp32_norm: bool = _option(False, "--fp32-norm", action="store_true",
+                              help="fp16: keep GroupNorm statistics in fp32 inside the graph (Casts around them)")
+    engines: str = _option(defaults.ENGINES, "--engines", group=ENGINES_GROUP, choices=ENGINE_MODES,
+                           help="auto: build if possible, else say why not; required: fail without; skip: ONNX only")
+    batch: str = _option(defaults.BATCH, "--batch", group=ENGINES_GROUP,
+                         help="batch range MIN-MAX (default %(default)s)")
+    resolution: str = _option(defaults.RESOLUTION, "--resolution", group=ENGINES_GROUP,
+                              help="image side range in pixels MIN-MAX (default %(default)s)")
+    opt: int | None = _option(None, "--opt", group=ENGINES_GROUP, type=int,
+                              help=f"image side the profile is tuned for (default {defaults.OPT})")
+    static: str | None = _option(None, "--static", group=ENGINES_GROUP, metavar="WxH",
+                                 help="one fixed image size instead of a range")
+    profile: tuple = _option((), "--profile", group=ENGINES_GROUP, action="append", metavar="SPEC",
+                             help="repeatable, one profile each: batch=1-4,resolution=512-1024,opt=768 or "
+                                  "batch=1,static=1024x1024")
+    optimization_level: int = _option(defaults.BUILDER_OPTIMIZATION_LEVEL, "--builder-optimization-level", metavar="LEVEL",
+                                      group=ENGINES_GROUP, type=int,
+                                      help="TensorRT builder level 0-5 (default %(default)s)")
+    workspace_gib: float | None = _option(defaults.WORKSPACE_GIB, "--workspace", group=ENGINES_GROUP, type=float,
+                                          metavar="GIB", help="TensorRT workspace cap in GiB (default %(default)s); "
+                                                              "bounds build memory in the attention block")
+    subfolder: str | None = _option(None, "--subfolder", help="subfolder of a Hub repo holding the VAE (e.g. vae)")
+    allow_pickle: bool = _option(False, "--allow-pickle", action="store_true",
+                                 help="allow .ckpt/.bin/.pt weights (pickle can run code: only for sources you trust)")
+
+    def check(self) -> None:
+        """Reject nonsense before any work starts."""
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.components = parse_components(self.components)
+        self.profile = tuple(self.profile)
+        if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise OptionError(f"--out {self.out}: exists and is not a folder")
+        if self.engines not in ENGINE_MODES:
+            raise OptionError(f"--engines {self.engines!r}: expected one of {', '.join(ENGINE_MODES)}")
+        if self.engines != "skip":
+            self.image_profiles(factor=1)  # ranges and opt; multiples of the factor once the model is known
+            if not 0 <= self.optimization_level <= 5:
+                raise OptionError(f"--builder-optimization-level {self.optimization_level}: expected 0 to 5")
+            if self.workspace_gib is not None and self.workspace_gib <= 0:
+                raise OptionError(f"--workspace {self.workspace_gib}: expected a positive size in GiB")
+        if self.fp32_norm and self.precision != "fp16":
+            raise OptionError(f"--fp32-norm applies to fp16 graphs; --precision is {self.precision}")
+        if self.profile and (self.batch, self.resolution, self.opt, self.static) != _PROFILE_DEFAULTS:
+            raise OptionError("--profile replaces --batch/--resolution/--opt/--static: put them inside --profile")
+        if self.static and (self.opt is not None or self.resolution != defaults.RESOLUTION):
+            raise OptionError("--static fixes one size; it excludes --resolution and --opt")
+        if self.engines == "required":
+            reason = engines_unavailable_reason()
+            if reason:
+                raise OptionError(f"--engines required, but {reason}")
+
+    def image_profiles(self, factor: int) -> list:
+        if self.profile:
+            return [parse_profile_option(text, factor) for text in self.profile]
+        return [make_profile(factor, batch=self.batch, resolution=self.resolution, opt=self.opt, static=self.static)]
+
+    def profile_texts(self) -> list:
+        """The profiles as --profile values, for the rebuild command in the manifest."""
+        if self.profile:
+            return list(self.profile)
+        if self.static:
+            return [f"batch={self.batch},static={self.static}"]
+        opt = f",opt={self.opt}" if self.opt is not None else ""
+        return [f"batch={self.batch},resolution={self.resolution}{opt}"]
+
+    def as_manifest(self) -> dict:
+        """What was asked for, so the engines can be rebuilt elsewhere with the same choices."""
+        return {"model": self.model, "subfolder": self.subfolder, "precision": self.precision,
+                "components": list(self.components), "rescale": self.rescale, "fp32_norm": self.fp32_norm,
+                "allow_pickle": self.allow_pickle, "profiles": self.profile_texts(),
+                "builder_optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib}
+
+    def summary_line(self) -> str:
+        """The checked options in one line, so a log shows what was asked for."""
+        parts = [f"model={self.model}", f"precision={self.precision}",
+                 f"out={self.out or defaults.OUT_ROOT + '/<model-name>'}",
+                 f"components={','.join(self.components)}", f"verify={'on' if self.verify else 'off'}",
+                 f"engines={self.engines}"]
+        if self.engines != "skip":
+            parts.append("profiles=" + " | ".join(self.profile_texts()))
+        if self.precision == "fp16":
+            parts.append(f"rescale={'on' if self.rescale else 'off'}" + (" fp32-norm" if self.fp32_norm else ""))
+        return "vae-export " + "  ".join(parts)
+
+
+_PROFILE_DEFAULTS = (defaults.BATCH, defaults.RESOLUTION, None, None)  # batch, resolution, opt, static

@@ -1,0 +1,23 @@
+"""Precisions and their tensor types, in one table. The type lives in the ONNX graph itself:
+TensorRT 11 builds what the graph says.
+
+Torch-free at import, so the CLI's option checks stay fast; `torch_dtype` imports it on use.
+"""
+from __future__ import annotations
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+# The manifest's `io_dtype` names, per precision.
+DTYPE_NAME = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# bfloat16 Conv, InstanceNormalization and Resize are only typed in ai.onnx opset 22.
+OPSET = {"fp32": 18, "fp16": 18, "bf16": 22}
+
+
+def torch_dtype(name: str):
+    """torch dtype of a precision ("fp16") or of a manifest dtype name ("float16")."""
+    import torch
+
+    name = DTYPE_NAME.get(name, name)
+    if name not in DTYPE_NAME.values():
+        raise ValueError(f"unknown precision or dtype {name!r}: expected one of {', '.join(PRECISIONS)} "
+                         f"or {', '.join(DTYPE_NAME.values())}")
+    return getattr(torch, name)
