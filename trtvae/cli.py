@@ -1,6 +1,6 @@
 """`vae-export`: export a diffusers AutoencoderKL to ONNX (and TensorRT where it can), verified.
 
-All three commands' parsers live here: `vae-export` (export), `vae-export audit` and `vae-export triton`.
+Every command's parser lives here: `vae-export` (export), `audit`, `triton` and `serve`.
 The export's flags are built from `ExportOptions`' fields, so the CLI and the API cannot drift.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from . import defaults
 from .errors import TrtvaeError
 
-COMMANDS = ("audit", "triton")
+COMMANDS = ("audit", "triton", "serve")
 # What `vae-export audit` shares with the export, flag for flag.
 _AUDIT_SHARED = ("model", "components", "subfolder", "allow_pickle")
 
@@ -53,7 +53,8 @@ def export_parser() -> argparse.ArgumentParser:
         "to ONNX with dynamic batch/height/width, verify them against PyTorch fp32, build TensorRT engines where "
         "TensorRT and a GPU are present, and write manifest.json.",
         epilog="other commands: `vae-export audit --model M` (fp16 overflow audit), "
-        "`vae-export triton DIR --repo PATH` (Triton model repository). Usage errors exit 2, "
+        "`vae-export triton DIR --repo PATH` (Triton model repository), `vae-export serve DIR` (a Triton server). "
+        "Usage errors exit 2, "
         "other errors print one `error:` line and exit 1.",
     )
     _add_options(p, ExportOptions)
@@ -80,7 +81,7 @@ def audit_parser() -> argparse.ArgumentParser:
 
 
 def triton_parser() -> argparse.ArgumentParser:
-    from .triton import BACKENDS
+    from .serving.repository import BACKENDS, RUNTIMES
 
     p = argparse.ArgumentParser(
         prog="vae-export triton",
@@ -90,11 +91,43 @@ def triton_parser() -> argparse.ArgumentParser:
     p.add_argument("export_dir", type=Path, help="folder written by vae-export (holding manifest.json)")
     p.add_argument("--repo", type=Path, required=True, help="Triton model repository to write into")
     p.add_argument("--backend", default=BACKENDS[0], choices=BACKENDS,
-                   help="tensorrt: model.plan (platform tensorrt_plan); onnx: model.onnx (onnxruntime_onnx)")
+                   help="tensorrt: model.plan (platform tensorrt_plan); onnx: model.onnx (onnxruntime_onnx); "
+                        "python: trtvae's decoder, encoder and decode_image models on Triton's Python backend, "
+                        "with the export copied in (self-contained)")
     p.add_argument("--prefix", default=defaults.TRITON_PREFIX,
-                   help="model names are <prefix>_decoder and <prefix>_encoder (default %(default)s)")
+                   help="model names are <prefix>_decoder, <prefix>_encoder (and <prefix>_decode_image for "
+                        "python; default %(default)s)")
     p.add_argument("--max-batch", type=int, default=defaults.TRITON_MAX_BATCH,
-                   help="max_batch_size for ONNX models (engines: their profile; default %(default)s)")
+                   help="max_batch_size for ONNX and Python models (engines: their profile; default %(default)s)")
+    p.add_argument("--instances", type=int, default=defaults.TRITON_INSTANCES,
+                   help="python: model instances per model (default %(default)s)")
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="python: the runtime each model loads in the server (default auto: TensorRT where its "
+                        "engines can run, else ONNX Runtime)")
+    return p
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vae-export serve",
+        description="Serve an export folder through a real Triton Inference Server (the one the `triton` extra, "
+        "nvidia-pytriton, bundles) until Ctrl-C/SIGTERM: models <prefix>_decoder, <prefix>_encoder and "
+        "<prefix>_decode_image (scaled FP32 latents in, UINT8 pixels out), all with dynamic batching.",
+    )
+    p.add_argument("export_dir", type=Path, help="folder written by vae-export (holding manifest.json)")
+    p.add_argument("--host", default=defaults.SERVE_HOST, help="address to listen on (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=defaults.SERVE_HTTP_PORT, help="default %(default)s")
+    p.add_argument("--grpc-port", type=int, default=defaults.SERVE_GRPC_PORT, help="default %(default)s")
+    p.add_argument("--metrics-port", type=int, default=defaults.SERVE_METRICS_PORT, help="default %(default)s")
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"),
+                   help="auto: TRTVae where the folder has engines for this GPU, else OrtVae (default auto)")
+    p.add_argument("--max-batch", type=int, default=defaults.TRITON_MAX_BATCH,
+                   help="largest batch Triton's dynamic batcher forms (default %(default)s)")
+    p.add_argument("--instances", type=int, default=defaults.TRITON_INSTANCES,
+                   help="model instances per model (default %(default)s)")
+    p.add_argument("--prefix", default=defaults.TRITON_PREFIX, help="model name prefix (default %(default)s)")
+    p.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="Triton's dynamic batching (default on)")
     return p
 
 
@@ -103,7 +136,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     command = argv[0] if argv[:1] and argv[0] in COMMANDS else "export"
     try:
-        code = {"export": _export, "audit": _audit, "triton": _triton}[command](argv if command == "export" else argv[1:])
+        run = {"export": _export, "audit": _audit, "triton": _triton, "serve": _serve}[command]
+        code = run(argv if command == "export" else argv[1:])
     except TrtvaeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -143,11 +177,24 @@ def _audit(argv) -> int:
 
 def _triton(argv) -> int:
     args = triton_parser().parse_args(argv)
-    from .triton import write_triton_repo
+    from .serving.repository import write_triton_repo
 
-    for folder in write_triton_repo(args.export_dir, args.repo, args.backend, args.prefix, args.max_batch):
+    for folder in write_triton_repo(args.export_dir, args.repo, args.backend, args.prefix, args.max_batch,
+                                    instances=args.instances, runtime=args.runtime):
         print(f"wrote {folder}/config.pbtxt")
     return 0
+
+
+def _serve(argv) -> int:
+    args = serve_parser().parse_args(argv)
+    from functools import partial
+
+    from .serving.server import serve
+
+    return serve(args.export_dir, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                 metrics_port=args.metrics_port, backend=args.backend, max_batch=args.max_batch,
+                 instances=args.instances, prefix=args.prefix, dynamic_batching=args.dynamic_batching,
+                 out=partial(print, flush=True))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""Shared by the serving tests: processes of a server, and requests through tritonclient."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def processes_mentioning(text: str) -> list:
+    """PIDs whose command line contains `text` (the server and its Python stubs name their repository)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("State:")), "")
+        except OSError:
+            continue
+        if text in cmdline and "zombie" not in state:
+            found.append(int(proc.name))
+    return found
+
+
+def infer(client_module, url: str, model: str, name: str, array: np.ndarray, output: str, timeout: float = 60.0):
+    """One request over HTTP or gRPC with binary tensors; returns the output array."""
+    types = {np.dtype(np.float16): "FP16", np.dtype(np.float32): "FP32"}
+    inp = client_module.InferInput(name, list(array.shape), types[array.dtype])
+    if client_module.__name__.endswith("http"):
+        client = client_module.InferenceServerClient(url, network_timeout=timeout, connection_timeout=timeout)
+        inp.set_data_from_numpy(array, binary_data=True)
+        result = client.infer(model, [inp], outputs=[client_module.InferRequestedOutput(output, binary_data=True)])
+    else:
+        client = client_module.InferenceServerClient(url)
+        inp.set_data_from_numpy(array)
+        result = client.infer(model, [inp], client_timeout=timeout)
+    try:
+        return result.as_numpy(output)
+    finally:
+        client.close()

@@ -1,0 +1,104 @@
+"""The served models, declared once: names, tensors, and what each one runs on a VAE runtime.
+
+- `<prefix>_decoder`: `latent_sample` → `sample`, the same tensors as decoder.onnx (export I/O dtype).
+- `<prefix>_encoder`: `sample` → `latent_parameters` (mean and logvar), as encoder.onnx.
+- `<prefix>_decode_image`: `latents` FP32 as a pipeline hands them (scaled) → `image` UINT8 [B, H, W, 3]:
+  the latents are unscaled as diffusers' pipelines do, decoded, and post-processed by diffusers'
+  VaeImageProcessor, so a client sends latents and gets pixels.
+
+Both the Python backend and any other host call `ServedModel.run` with one request's numpy array.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..components import DECODER, ENCODER, component_specs, spatial_factor
+
+DECODE_IMAGE = "decode_image"
+KINDS = (DECODER, ENCODER, DECODE_IMAGE)
+# Triton's type names for the numpy dtypes served.
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "uint8": "TYPE_UINT8"}
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    name: str
+    dtype: str  # numpy/manifest name: float16, float32, uint8
+    dims: tuple  # without the batch dim; -1 for a size the model accepts in a range
+
+
+@dataclass(frozen=True)
+class ModelDecl:
+    kind: str
+    name: str
+    input: TensorDecl
+    output: TensorDecl
+    component: str  # the export component it needs
+
+
+def model_decls(manifest: dict, prefix: str) -> list:
+    """The models an export can serve: decoder and decode_image need the decoder, encoder the encoder."""
+    specs = component_specs(manifest["vae_config"])
+    io = manifest["io_dtype"]
+    decls = []
+    if DECODER in manifest["components"]:
+        d = specs[DECODER]
+        decls.append(ModelDecl(DECODER, f"{prefix}_{DECODER}", TensorDecl(d.input_name, io, (d.in_channels, -1, -1)),
+                               TensorDecl(d.output_name, io, (d.out_channels, -1, -1)), DECODER))
+    if ENCODER in manifest["components"]:
+        e = specs[ENCODER]
+        decls.append(ModelDecl(ENCODER, f"{prefix}_{ENCODER}", TensorDecl(e.input_name, io, (e.in_channels, -1, -1)),
+                               TensorDecl(e.output_name, io, (e.out_channels, -1, -1)), ENCODER))
+    if DECODER in manifest["components"]:
+        d = specs[DECODER]
+        decls.append(ModelDecl(DECODE_IMAGE, f"{prefix}_{DECODE_IMAGE}",
+                               TensorDecl("latents", "float32", (d.in_channels, -1, -1)),
+                               TensorDecl("image", "uint8", (-1, -1, d.out_channels)), DECODER))
+    return decls
+
+
+def unscale_latents(latents, config):
+    """What diffusers' pipelines do before `vae.decode`: undo the latent scaling (and shift, or mean/std)."""
+    sf = float(config["scaling_factor"])
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is not None and std is not None:  # SDXL-style per-channel statistics, as its pipeline applies them
+        shape = (1, -1) + (1,) * (latents.ndim - 2)
+        mean = latents.new_tensor(mean).view(shape)
+        std = latents.new_tensor(std).view(shape)
+        return latents * std / sf + mean
+    shift = config.get("shift_factor")
+    return latents / sf + (float(shift) if shift is not None else 0.0)
+
+
+class ServedModel:
+    """One served model over a runtime: numpy batch in, numpy batch out, the runtime's checks on the way."""
+
+    def __init__(self, decl: ModelDecl, runtime):
+        self.decl = decl
+        self.runtime = runtime
+        self._processor = None
+        if decl.kind == DECODE_IMAGE:
+            from diffusers.image_processor import VaeImageProcessor
+
+            self._processor = VaeImageProcessor(vae_scale_factor=spatial_factor(runtime.config))
+
+    def run(self, array: np.ndarray) -> np.ndarray:
+        """Raises ValueError naming the tensor and the shapes for input the runtime refuses."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(array))
+        with torch.inference_mode():
+            if self.decl.kind == DECODER:
+                y = self.runtime.decode(x).sample
+            elif self.decl.kind == ENCODER:
+                y = self.runtime.encode(x).latent_dist.parameters
+            else:
+                if not torch.isfinite(x).all():  # the runtime would say it after unscaling; say it of `latents`
+                    raise ValueError(f"{self.decl.name} input 'latents': {int((~torch.isfinite(x)).sum())} of "
+                                     f"{x.numel()} values are NaN or inf; refusing to decode them")
+                image = self.runtime.decode(unscale_latents(x.float(), self.runtime.config)).sample
+                pixels = self._processor.postprocess(image.float().cpu(), output_type="np")
+                return np.round(pixels * 255).astype(np.uint8)
+        return y.cpu().numpy()

@@ -1,0 +1,185 @@
+"""Triton Inference Server model repositories from an export folder, read from its manifest alone.
+
+Backends:
+- `tensorrt`: `<repo>/<prefix>_<component>/1/model.plan`, platform `tensorrt_plan`.
+- `onnx`: `1/model.onnx`, platform `onnxruntime_onnx`.
+- `python`: the three served models of `models.py` (decoder, encoder, decode_image) on Triton's Python
+  backend: `1/model.py` imports trtvae's `TritonPythonModel`, and `1/export/` holds the manifest and the
+  files that model needs, so the repository is self-contained (trtvae itself must be installed in the
+  server's Python). `vae-export serve` runs this same repository.
+
+With `max_batch_size > 0` Triton's dims omit the batch dim; -1 marks a size the model accepts in a range.
+Triton batches only requests of the same shape.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .. import defaults
+from ..components import component_specs
+from ..errors import OptionError
+from ..files import atomic_path
+from ..manifest import component_file, read_manifest, write_manifest
+from .models import TRITON_TYPES, model_decls
+
+BACKENDS = ("tensorrt", "onnx", "python")
+RUNTIMES = ("auto", "tensorrt", "onnxruntime")
+MODEL_PY = '''"""Triton Python backend entry of a trtvae served model: the implementation is trtvae's own."""
+from trtvae.serving.python_backend import TritonPythonModel  # noqa: F401
+'''
+
+
+def _dims(shape: list) -> list:
+    """Manifest shape without its batch dim, symbolic sizes as -1."""
+    return [d if isinstance(d, int) and d > 0 else -1 for d in shape[1:]]
+
+
+def _static_dims(profiles: list, input_dims: list, output_dims: list, upscale: int, downscale: int):
+    """Where every profile has one H×W, Triton can be told the exact sizes."""
+    sizes = {(tuple(p["min"][2:]), tuple(p["max"][2:])) for p in profiles}
+    if len(sizes) != 1:
+        return input_dims, output_dims
+    (lo, hi), = sizes
+    if lo != hi:
+        return input_dims, output_dims
+    h, w = lo
+    return [input_dims[0], h, w], [output_dims[0], h * upscale // downscale, w * upscale // downscale]
+
+
+def config_pbtxt(name: str, max_batch: int, io: dict, platform: str | None = None, backend: str | None = None,
+                 instances: int | None = None, parameters: dict | None = None, dynamic_batching: bool = True) -> str:
+    def block(t):
+        return (f"  {{\n    name: \"{t['name']}\"\n    data_type: {TRITON_TYPES[t['dtype']]}\n"
+                f"    dims: [ {', '.join(map(str, t['dims']))} ]\n  }}")
+
+    lines = [f'name: "{name}"']
+    lines += [f'platform: "{platform}"'] if platform else [f'backend: "{backend}"']
+    lines += [f"max_batch_size: {max_batch}",
+              "input [\n" + block(io["input"]) + "\n]",
+              "output [\n" + block(io["output"]) + "\n]"]
+    if dynamic_batching:
+        lines.append("dynamic_batching { }")  # requests of one shape are batched; other sizes run as they come
+    if instances:
+        lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
+    for key, value in (parameters or {}).items():
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str = defaults.TRITON_PREFIX,
+                      max_batch: int = defaults.TRITON_MAX_BATCH, instances: int = 1, runtime: str = "auto",
+                      dynamic_batching: bool = True, export_in_place: bool = False) -> list:
+    """Write one Triton model per served model; return the model folders written.
+
+    Args:
+        export_dir: a finished export folder (holding manifest.json).
+        repo: the model repository to write into (created if missing).
+        backend: "tensorrt", "onnx" (Triton's native backends, one model per component) or "python"
+            (trtvae's decoder, encoder and decode_image models).
+        prefix: model names are `<prefix>_<model>`.
+        max_batch: `max_batch_size` of ONNX and Python models (TensorRT: the engine profile's).
+        instances, runtime, dynamic_batching: Python backend only: model instances, the runtime the
+            model loads (auto, tensorrt, onnxruntime), and Triton's dynamic batching on or off.
+        export_in_place: Python backend only: point the models at `export_dir` instead of copying it.
+    """
+    if backend not in BACKENDS:
+        raise OptionError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if runtime not in RUNTIMES:
+        raise OptionError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    if max_batch < 1 or instances < 1:
+        raise OptionError(f"--max-batch {max_batch} and --instances {instances}: expected at least 1")
+    if not str(prefix).replace("_", "").replace("-", "").isalnum():
+        raise OptionError(f"--prefix {prefix!r}: expected letters, digits, '_' or '-' (it names Triton models)")
+    manifest = read_manifest(export_dir)
+    if backend == "python":
+        return [_write_python_model(export_dir, manifest, repo, d, max_batch, instances, runtime, prefix,
+                                    dynamic_batching, export_in_place) for d in model_decls(manifest, prefix)]
+    return [_write_native_model(export_dir, manifest, repo, backend, component, prefix, max_batch)
+            for component in manifest["components"]]
+
+
+def _write_native_model(export_dir, manifest, repo, backend, component, prefix, max_batch) -> Path:
+    spec = component_specs(manifest["vae_config"])[component]
+    entry = manifest["components"][component]
+    if backend == "tensorrt":
+        engine = entry.get("engine")
+        if engine is None:
+            raise OptionError(f"{export_dir} has no {component} engine (built where TensorRT and a GPU are "
+                              "present); use --backend onnx or python, or build the engines first")
+        source = component_file(export_dir, manifest, component, key="engine")
+        profiles = [p[spec.input_name] for p in engine["profiles"]]
+        batch = max(p["max"][0] for p in profiles)
+        if min(p["min"][0] for p in profiles) > 1:
+            raise OptionError(f"the {component} engine's profiles start at batch "
+                              f"{min(p['min'][0] for p in profiles)}, but Triton sends batches from 1: "
+                              "rebuild with --batch 1-N")
+        platform, filename = "tensorrt_plan", "model.plan"
+    else:
+        source = component_file(export_dir, manifest, component)
+        profiles, batch = [], max_batch
+        platform, filename = "onnxruntime_onnx", "model.onnx"
+    inp, out = entry["inputs"][0], entry["outputs"][0]
+    in_dims, out_dims = _dims(inp["shape"]), _dims(out["shape"])
+    if profiles:
+        in_dims, out_dims = _static_dims(profiles, in_dims, out_dims, spec.upscale, spec.downscale)
+    name = f"{prefix}_{component}"
+    folder = Path(repo) / name
+    _clear_version(folder, keep=filename)
+    with atomic_path(folder / "1" / filename) as tmp:
+        shutil.copyfile(source, tmp)
+    io = {"input": {"name": inp["name"], "dtype": inp["dtype"], "dims": in_dims},
+          "output": {"name": out["name"], "dtype": out["dtype"], "dims": out_dims}}
+    with atomic_path(folder / "config.pbtxt") as tmp:
+        tmp.write_text(config_pbtxt(name, batch, io, platform=platform))
+    return folder
+
+
+def _write_python_model(export_dir, manifest, repo, decl, max_batch, instances, runtime, prefix,
+                        dynamic_batching, export_in_place) -> Path:
+    folder = Path(repo) / decl.name
+    _clear_version(folder, keep="model.py")
+    params = {"trtvae_model": decl.kind, "prefix": prefix, "runtime": runtime}
+    if export_in_place:
+        params["export_dir"] = str(Path(export_dir).resolve())
+    else:
+        _copy_export(export_dir, manifest, decl.component, folder / "1" / "export")
+    with atomic_path(folder / "1" / "model.py") as tmp:
+        tmp.write_text(MODEL_PY)
+    io = {"input": {"name": decl.input.name, "dtype": decl.input.dtype, "dims": list(decl.input.dims)},
+          "output": {"name": decl.output.name, "dtype": decl.output.dtype, "dims": list(decl.output.dims)}}
+    with atomic_path(folder / "config.pbtxt") as tmp:
+        tmp.write_text(config_pbtxt(decl.name, max_batch, io, backend="python", instances=instances,
+                                    parameters=params, dynamic_batching=dynamic_batching))
+    return folder
+
+
+def _copy_export(export_dir, manifest: dict, component: str, dest: Path) -> None:
+    """The manifest, narrowed to one component, and that component's files (hard links where possible)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    entry = manifest["components"][component]
+    keys = ["onnx"] + (["engine"] if "engine" in entry else [])
+    files = []
+    for key in keys:
+        source = component_file(export_dir, manifest, component, key=key)  # checked against its sha256
+        target = dest / source.name
+        try:
+            os.link(source, target)
+        except OSError:  # another file system, or links not allowed: copy
+            shutil.copyfile(source, target)
+        files.append(source.name)
+    narrowed = {**manifest, "components": {component: entry}, "files": sorted(files)}
+    write_manifest(dest, narrowed)
+
+
+def _clear_version(folder: Path, keep: str) -> None:
+    """Remove what a repository written earlier for another backend left in the version folder."""
+    version = folder / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    for other in ("model.plan", "model.onnx", "model.py"):
+        if other != keep:
+            (version / other).unlink(missing_ok=True)
+    if keep != "model.py":
+        shutil.rmtree(version / "export", ignore_errors=True)
