@@ -5,6 +5,10 @@
 served code is one and the same. PyTriton's own `Triton.bind` path is not used: its proxy turns
 one failing request into an error for every request of the dynamic batch it came in, where
 Triton's Python backend answers each request on its own.
+
+Triton 2.51 does not restart a Python-backend worker (stub) that died: the model stays "ready"
+and fails every request. `serve` watches the stubs and reloads such a model (explicit model
+control), so the requests after a crash are answered again within seconds.
 """
 from __future__ import annotations
 
@@ -101,6 +105,7 @@ class TritonServer:
     grpc_port: int = 8001
     metrics_port: int = 8002
     exit_timeout_s: int = 10
+    explicit_models: bool = False  # --model-control-mode=explicit, so a model can be reloaded
     install: TritonInstall = field(default_factory=find_triton)
     process: subprocess.Popen | None = None
     workspace: Path | None = None
@@ -124,6 +129,8 @@ class TritonServer:
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                "--allow-gpu-metrics=false", f"--exit-timeout-secs={self.exit_timeout_s}"]
+        if self.explicit_models:
+            cmd += ["--model-control-mode=explicit", "--load-model=*"]
         self.log_path = self.workspace / "tritonserver.log"
         log = open(self.log_path, "wb")
         # Its own session: the stubs share its process group, so stop() can make sure none is left.
@@ -156,6 +163,31 @@ class TritonServer:
                 return time.perf_counter() - start
             time.sleep(0.25)
         raise ServeError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def workers(self, model: str) -> int:
+        """Live Python-backend stubs of `model` (their command line names its folder in the repository)."""
+        marker = f"{self.repository}/{model}/"
+        count = 0
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if marker not in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    continue
+                status = (proc / "status").read_text()
+            except OSError:
+                continue
+            count += "zombie" not in status.split("State:", 1)[-1].split("\n", 1)[0]
+        return count
+
+    def reload(self, model: str) -> bool:
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/load", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -222,7 +254,8 @@ def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
         folders = write_triton_repo(directory, repository, "python", prefix, max_batch, instances, resolved,
                                     dynamic_batching, export_in_place=True)
         models = [f.name for f in folders]
-        server = TritonServer(repository, host, http_port, grpc_port, metrics_port, install=install)
+        server = TritonServer(repository, host, http_port, grpc_port, metrics_port, install=install,
+                              explicit_models=True)
         start = time.perf_counter()
         server.start()
         out(f"starting tritonserver (pid {server.process.pid}) on {repository}")
@@ -232,9 +265,11 @@ def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
         for name, io in describe_models(repository):
             out(f"  model {name}: {io}")
         out("Ctrl-C (SIGINT) or SIGTERM stops the server")
+        watch = _Watchdog(server, models, instances, out)
         while not stop_event.wait(0.5):
             if not server.alive():
                 raise ServeError(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
+            watch.check()
         out("stopping tritonserver")
         return 0
     finally:
@@ -244,3 +279,29 @@ def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+
+
+class _Watchdog:
+    """Reload a model whose worker died (Triton leaves it "ready" and failing), at most once per interval."""
+
+    def __init__(self, server: TritonServer, models: list, instances: int, out, every_s: float = 2.0,
+                 min_interval_s: float = 30.0):
+        self.server, self.models, self.instances, self.out = server, models, instances, out
+        self.every_s, self.min_interval_s = every_s, min_interval_s
+        self._next = time.monotonic() + every_s
+        self._reloaded: dict = {}
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.every_s
+        for model in self.models:
+            if self.server.workers(model) >= self.instances:
+                continue
+            if now - self._reloaded.get(model, -self.min_interval_s) < self.min_interval_s:
+                continue
+            self._reloaded[model] = now
+            self.out(f"model {model}: a worker process died; reloading the model")
+            ok = self.server.reload(model)
+            self.out(f"model {model}: {'reloaded' if ok else 'reload failed; its requests fail until a restart'}")

@@ -32,7 +32,7 @@ from ...components import COMPONENTS, component_specs
 from ..wrappers import component_graph
 from .calibration import calibration_inputs
 from .limits import FP16_MAX, HEADROOM_BITS, margin_bits
-from .rescale import RescaleError, plan_for
+from .plan import RescaleError, plan_for
 
 
 @dataclass
