@@ -7,6 +7,7 @@ worker gives errors and never a hang or a wrong answer, and SIGINT leaves no pro
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -253,3 +254,11 @@ def test_missing_extra_is_one_error_line(tiny_fp16, monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real(name, *a))
     assert main(["serve", str(tiny_fp16)]) == 1
     assert "pip install 'trtvae[triton]'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="checks the message where TensorRT is missing")
+def test_tensorrt_backend_where_it_cannot_run_is_one_error_line(tiny_fp16, capsys):
+    assert main(["serve", str(tiny_fp16), "--backend", "tensorrt", "--http-port", str(free_port()),
+                 "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --backend tensorrt: TRTVae needs TensorRT")

@@ -240,7 +240,10 @@ def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
     install = find_triton()
     for flag, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
         check_port_free(host, port, flag)
-    runtime, reason = load_runtime(directory, backend)  # cheap: sessions and engines load on first use
+    try:
+        runtime, reason = load_runtime(directory, backend)  # cheap: sessions and engines load on first use
+    except (ImportError, RuntimeError, OSError, ValueError) as e:  # --backend tensorrt where it cannot run
+        raise ServeError(f"--backend {backend}: {str(e).strip().splitlines()[0]}") from None
     out(f"runtime: {type(runtime).__name__} ({reason})")
     resolved = runtime.backend
     del runtime
