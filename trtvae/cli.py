@@ -16,7 +16,7 @@ from .errors import TrtvaeError
 
 COMMANDS = ("audit", "triton")
 # What `vae-export audit` shares with the export, flag for flag.
-_AUDIT_SHARED = ("model", "components", "subfolder", "allow_pickle")
+_AUDIT_SHARED = ("model", "family", "components", "subfolder", "allow_pickle", "images")
 
 
 def _add_options(parser: argparse.ArgumentParser, cls, only=None) -> None:
@@ -133,11 +133,15 @@ def _audit(argv) -> int:
     from .export.loading import load_vae
     from .export.progress import stage
 
+    from .export.fp16.calibration import list_images
+
     components = parse_components(args.components)
+    if args.images is not None:
+        list_images(args.images)  # before the model is loaded
     with stage("load model") as info:
-        loaded = load_vae(args.model, allow_pickle=args.allow_pickle, subfolder=args.subfolder)
+        loaded = load_vae(args.model, allow_pickle=args.allow_pickle, subfolder=args.subfolder, family=args.family)
         info["detail"] = f"{loaded.source['kind']}: {loaded.source['model']}"
-    audit_command(loaded, components, args.json, args.plot, args.rows, args.rescale)
+    audit_command(loaded, components, args.json, args.plot, args.rows, args.rescale, images=args.images)
     return 0
 
 

@@ -34,3 +34,7 @@ VERIFY_LATENT_SHAPES = ((2, 8, 8), (1, 10, 14), (1, 13, 7))
 # fp16 calibration: latent (h, w); images are these times the spatial factor (64 and 96×128 px for
 # SDXL), small enough for a CPU audit of the SDXL-size model, non-square so no shape is special.
 CALIBRATION_LATENT_SIZES = ((8, 8), (12, 16))
+# --images DIR: the user's calibration images, shrunk to this side (px) so a CPU audit of an SDXL-size
+# model stays in seconds per image, and at most this many of them.
+CALIBRATION_IMAGE_SIDE = 256
+CALIBRATION_IMAGES = 8

@@ -46,10 +46,14 @@ def rescale(vae, audit: AuditResult, target: float = ACT_TARGET) -> Rescaled:
     return Rescaled(copy_, exponents, audit, after, rel, summary)
 
 
-def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = True, fp32_norm: bool = False):
-    """Audit `vae` for fp16; return (model to export, manifest record). Raises if fp16 cannot work."""
+def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = True, fp32_norm: bool = False,
+                   images: Path | None = None):
+    """Audit `vae` for fp16; return (model to export, manifest record). Raises if fp16 cannot work.
+
+    `images`: a folder of the user's images added to the calibration set.
+    """
     with stage("fp16 audit") as info:
-        audit = audit_model(vae, components)
+        audit = audit_model(vae, components, image_dir=images)
         info["detail"] = (f"max |activation| {audit.worst.max_abs:.4g} at {audit.worst.name}, "
                           f"margin {audit.margin_bits:+.1f} bits")
     action = decide(audit, rescale_enabled, fp32_norm)
@@ -85,10 +89,10 @@ def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = Tr
 
 
 def audit_command(loaded, components, json_path: Path | None, plot_path: Path | None,
-                  rows: int = defaults.AUDIT_ROWS, with_rescale: bool = False) -> None:
+                  rows: int = defaults.AUDIT_ROWS, with_rescale: bool = False, images: Path | None = None) -> None:
     """`vae-export audit`: the table and verdict, the JSON, and always the plot."""
     with stage("fp16 audit") as info:
-        result = audit_model(loaded.vae, components)
+        result = audit_model(loaded.vae, components, image_dir=images)
         info["detail"] = f"{len(result.layers)} layers, {len(result.calibration)} calibration inputs"
     after = None
     if with_rescale and decide(result) is Action.RESCALE:
