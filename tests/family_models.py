@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from conftest import make_tiny_vae
+
 from trtvae.export import families
 
 # Single files are read with the family's norm_num_groups (32: no tensor records it), so their widths are multiples.

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("transformers")  # diffusers' pipelines import it
 
-from diffusers import (  # noqa: E402
+from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxImg2ImgPipeline,
@@ -25,13 +25,13 @@ from diffusers import (  # noqa: E402
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from family_models import family_vae
 
-import trtvae  # noqa: E402
-from family_models import family_vae  # noqa: E402
-from trtvae import OrtVae  # noqa: E402
-from trtvae.export.options import ExportOptions  # noqa: E402
-from trtvae.export.run import run_export  # noqa: E402
-from trtvae.metrics import REL_L2_THRESHOLD, compare  # noqa: E402
+import trtvae
+from trtvae import OrtVae
+from trtvae.export.options import ExportOptions
+from trtvae.export.run import run_export
+from trtvae.metrics import REL_L2_THRESHOLD, compare
 
 FP32 = REL_L2_THRESHOLD["fp32"]
 TEXT_DIM = 32

@@ -129,11 +129,10 @@ def _export(argv) -> int:
 def _audit(argv) -> int:
     args = audit_parser().parse_args(argv)
     from .components import parse_components
+    from .export.fp16.calibration import list_images
     from .export.fp16.safety import audit_command
     from .export.loading import load_vae
     from .export.progress import stage
-
-    from .export.fp16.calibration import list_images
 
     components = parse_components(args.components)
     if args.images is not None:

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from family_models import FILE_ARCH, contract, family_vae, ldm_state
 from safetensors.torch import save_file
 
-from family_models import FILE_ARCH, contract, family_vae, ldm_state
 from trtvae.cli import main
 from trtvae.errors import ModelLoadError, OptionError
 from trtvae.export import families

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from family_models import family_vae
 from PIL import Image
 
-from family_models import family_vae
 from trtvae.cli import main
 from trtvae.errors import OptionError, VerificationError
 from trtvae.export.fp16.audit import audit_model
