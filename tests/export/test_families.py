@@ -147,3 +147,13 @@ def test_export_manifest_records_the_family_and_its_factors(tmp_path):
     # The graphs have one precision: nothing for a pipeline to upcast; what the source declared is kept.
     assert manifest["vae_config"]["force_upcast"] is False and manifest["source"]["force_upcast"] is True
     assert manifest["export_options"]["family"] is None
+
+
+def test_rebuild_command_keeps_the_family_of_a_file():
+    from trtvae.runtime.engine_check import rebuild_command
+
+    manifest = {"family": "sd15", "source": {"kind": "file", "model": "/m/vae.safetensors", "family": "sd15"},
+                "export_options": {"model": "vae.safetensors", "family": None, "precision": "fp16"}}
+    assert "--family sd15" in rebuild_command(manifest, "out")
+    folder = {"family": "flux", "source": {"kind": "folder", "model": "/m/flux"}, "export_options": {"family": None}}
+    assert "--family" not in rebuild_command(folder, "out")  # its own config says it
