@@ -72,6 +72,10 @@ def run_export(opts: ExportOptions) -> Path:
 
     manifest["verify"] = verify_export(vae, out, manifest, specs, opts.precision, opts.components,
                                        grid_path=out / VERIFY_PNG) if opts.verify else {"status": "skipped"}
+    if opts.precision == "fp16" and loaded.source.get("force_upcast") and manifest["verify"]["status"] == "passed":
+        from .fp16.calibrated_verify import verify_on_calibration
+
+        manifest["verify"]["calibration"] = verify_on_calibration(vae, out, manifest, opts.components, opts.images)
 
     manifest["files"] = present_outputs(out)
     write_manifest(out, manifest)
