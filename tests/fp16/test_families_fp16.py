@@ -67,15 +67,15 @@ def test_flux_overflow_is_not_hidden_by_verify(planted_flux_dir, tmp_path, capsy
     assert not (out / MANIFEST_NAME).exists()
 
 
-def test_force_upcast_sources_are_also_verified_on_the_audit_calibration(planted_flux_dir, tmp_path, monkeypatch):
-    # Verify's random inputs may miss what the calibration drives into overflow (the full-size planted FLUX
-    # VAE did: verify passed with --no-rescale, the audit said 1.4e5). Stand in a verify that sees nothing.
+def test_a_passing_verify_never_hides_an_overflow_the_audit_measured(planted_flux_dir, tmp_path, monkeypatch):
+    # ONNX Runtime's CPU kernels run parts of an fp16 graph in fp32: the full-size planted FLUX VAE (max 1.4e5)
+    # passed its verify with --no-rescale. Stand in a verify that sees nothing, as that one did.
     import trtvae.export.run as run
 
     monkeypatch.setattr(run, "verify_export", lambda *a, **k: {"status": "passed", "checks": []})
     out = tmp_path / "no_rescale"
-    with pytest.raises(VerificationError, match=r"fails on the audit's calibration input '.*'.*NaN/inf.*"
-                                                r"declares force_upcast: true"):
+    with pytest.raises(VerificationError, match=r"verify passed, but the audit measured \|activation\| .* > 65504 .*"
+                                                r"declares force_upcast: true.*TensorRT"):
         _export(planted_flux_dir, out, rescale=False, components=("decoder",))
     assert not (out / MANIFEST_NAME).exists()
 
@@ -90,9 +90,6 @@ def test_flux_overflow_is_rescaled_to_a_finite_accurate_fp16_export(planted_flux
     assert manifest["verify"]["passed"] and {c["component"] for c in checks} == {"decoder", "encoder"}
     assert all(c["nonfinite"] == 0 and c["rel_l2"] <= REL_L2_THRESHOLD["fp16"] for c in checks)
     assert manifest["family"] == "flux" and manifest["vae_config"]["shift_factor"] == 0.1159
-    calibration = manifest["verify"]["calibration"]  # the source declares force_upcast: checked on it too
-    assert calibration["passed"] and {c["component"] for c in calibration["checks"]} == {"decoder", "encoder"}
-    assert all(c["nonfinite"] == 0 for c in calibration["checks"])
 
 
 def test_text_to_image_calibration_latents_carry_the_shift(flux):

@@ -72,10 +72,10 @@ def run_export(opts: ExportOptions) -> Path:
 
     manifest["verify"] = verify_export(vae, out, manifest, specs, opts.precision, opts.components,
                                        grid_path=out / VERIFY_PNG) if opts.verify else {"status": "skipped"}
-    if opts.precision == "fp16" and loaded.source.get("force_upcast") and manifest["verify"]["status"] == "passed":
-        from .fp16.calibrated_verify import verify_on_calibration
+    if opts.precision == "fp16":
+        from .fp16.safety import check_verify_against_audit
 
-        manifest["verify"]["calibration"] = verify_on_calibration(vae, out, manifest, opts.components, opts.images)
+        check_verify_against_audit(manifest["fp16_safety"], manifest["verify"], loaded.source.get("force_upcast"))
 
     manifest["files"] = present_outputs(out)
     write_manifest(out, manifest)
