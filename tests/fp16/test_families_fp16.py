@@ -81,8 +81,12 @@ def test_a_passing_verify_never_hides_an_overflow_the_audit_measured(planted_flu
 
 
 def test_flux_overflow_is_rescaled_to_a_finite_accurate_fp16_export(planted_flux_dir, tmp_path):
-    out = _export(planted_flux_dir, tmp_path / "rescaled", family="flux")
+    (tmp_path / "images").mkdir()
+    _png(tmp_path / "images" / "own.png", 40, 24, 2)
+    out = _export(planted_flux_dir, tmp_path / "rescaled", family="flux", images=tmp_path / "images")
     manifest = json.loads((out / MANIFEST_NAME).read_text())
+    calibration = json.loads((out / "fp16_audit.json").read_text())["calibration"]
+    assert {"image own.png 24x40", "latents of image own.png 24x40"} <= {c["label"] for c in calibration}
     safety = manifest["fp16_safety"]
     assert safety["audit"]["declares_force_upcast"] is True and not safety["audit"]["fp16_safe"]
     assert safety["rescale"]["applied"] and safety["audit_after_rescale"]["fp16_safe"]
