@@ -102,7 +102,7 @@ def check_verify_against_audit(record: dict, verify: dict, declares_force_upcast
     raise VerificationError(
         f"verify passed, but the audit measured |activation| {audit['max_abs']:.4g} > {FP16_MAX:g} at "
         f"{audit['worst_layer']} in the exported fp16 graph{declared}: ONNX Runtime's CPU kernels run parts of "
-        "an fp16 graph in fp32 and hide it, fp16 runtimes (TensorRT) give NaN. Export with the exact rescaling "
+        "an fp16 graph in fp32 and hide it; fp16 runtimes (TensorRT) would give NaN. Export with the exact rescaling "
         "(without --no-rescale) or with --precision bf16 or fp32. No manifest was written")
 
 
