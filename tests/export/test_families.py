@@ -34,6 +34,22 @@ def test_builtin_configs_carry_the_published_latent_space(family):
     assert c["force_upcast"] is (family != "sdxl")
 
 
+def test_readme_family_table_agrees_with_the_family_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("## Model families")[1].split("| `--family` | VAE of")[1].split("\n\n")[0]
+    rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| `")}
+    for name, family in families.FAMILIES.items():
+        c = families.family_config(name)
+        _, channels, quant, scale, shift, _, safe = rows[name][:7]
+        assert (int(channels), float(scale), float(shift) if shift else None) == \
+            (c["latent_channels"], c["scaling_factor"], c.get("shift_factor"))
+        assert quant == ("yes" if c.get("use_quant_conv", True) else "no")
+        assert safe.startswith("no") is not family.fp16_safe_as_shipped
+
+
 def test_demo_in_the_flux_architecture():
     loaded = load_demo(family="flux")
     assert loaded.name == "demo-flux" and loaded.family == "flux" and loaded.source["force_upcast"] is True

@@ -49,8 +49,6 @@ LATENT_KEYS = ("latent_channels", "scaling_factor", "shift_factor")
 ARCHITECTURE_KEYS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
                      "down_block_types", "up_block_types", "use_quant_conv", "use_post_quant_conv",
                      "mid_block_add_attention")
-# Where VAE tensors sit inside whole checkpoints: SD/SD3 single files and ComfyUI saves.
-PREFIXES = ("first_stage_model.", "vae.")
 
 
 def check_name(family: str | None) -> str | None:
@@ -118,7 +116,10 @@ def _suggest(config: dict) -> str:
 
 def strip_prefix(state: dict) -> tuple[dict, str]:
     """The VAE's tensors without a checkpoint prefix, and the prefix ("" for a VAE-only file)."""
-    for prefix in PREFIXES:
+    # diffusers' own list: `first_stage_model.` (SD/SD3 checkpoints) and `vae.` (ComfyUI saves).
+    from diffusers.loaders.single_file_utils import LDM_VAE_KEYS
+
+    for prefix in LDM_VAE_KEYS:
         if any(k.startswith(prefix + "decoder.") for k in state):
             return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix
     return dict(state), ""
@@ -133,7 +134,7 @@ def key_format(state: dict) -> str:
                          "LDM/ComfyUI/BFL (encoder.down.*) key names, optionally under first_stage_model. or vae.")
 
 
-_NAMES = {  # diffusers key pattern → LDM key name, per key format
+_NAMES = {  # per key format: the encoder's blocks, a level's width, the mid-block attention
     "diffusers": dict(level=r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.",
                       width="encoder.down_blocks.{i}.resnets.0.conv1.weight",
                       attention="encoder.mid_block.attentions.0.to_q.weight"),
@@ -284,4 +285,5 @@ def config_for_file(architecture: dict, family: str) -> dict:
 def differs_from_published(architecture: dict, family: str) -> list:
     published = family_config(family)
     # Block types follow from the widths, so they are not news of their own.
-    return [k for k in ARCHITECTURE_KEYS if not k.endswith("block_types") and effective(published, k) != architecture[k]]
+    keys = [k for k in ARCHITECTURE_KEYS if not k.endswith("block_types")]
+    return [k for k in keys if effective(published, k) != architecture[k]]
