@@ -16,7 +16,7 @@ from .errors import TrtvaeError
 
 COMMANDS = ("audit", "triton", "serve")
 # What `vae-export audit` shares with the export, flag for flag.
-_AUDIT_SHARED = ("model", "components", "subfolder", "allow_pickle")
+_AUDIT_SHARED = ("model", "family", "components", "subfolder", "allow_pickle", "images")
 
 
 def _add_options(parser: argparse.ArgumentParser, cls, only=None) -> None:
@@ -163,15 +163,18 @@ def _export(argv) -> int:
 def _audit(argv) -> int:
     args = audit_parser().parse_args(argv)
     from .components import parse_components
+    from .export.fp16.calibration import list_images
     from .export.fp16.safety import audit_command
     from .export.loading import load_vae
     from .export.progress import stage
 
     components = parse_components(args.components)
+    if args.images is not None:
+        list_images(args.images)  # before the model is loaded
     with stage("load model") as info:
-        loaded = load_vae(args.model, allow_pickle=args.allow_pickle, subfolder=args.subfolder)
+        loaded = load_vae(args.model, allow_pickle=args.allow_pickle, subfolder=args.subfolder, family=args.family)
         info["detail"] = f"{loaded.source['kind']}: {loaded.source['model']}"
-    audit_command(loaded, components, args.json, args.plot, args.rows, args.rescale)
+    audit_command(loaded, components, args.json, args.plot, args.rows, args.rescale, images=args.images)
     return 0
 
 

@@ -39,3 +39,8 @@ SERVE_HOST = "127.0.0.1"  # loopback unless asked: a VAE server has no authentic
 SERVE_HTTP_PORT = 8000
 SERVE_GRPC_PORT = 8001
 SERVE_METRICS_PORT = 8002
+
+# --images DIR: the user's calibration images, shrunk to this side (px) so a CPU audit of an SDXL-size
+# model stays in seconds per image, and at most this many of them.
+CALIBRATION_IMAGE_SIDE = 256
+CALIBRATION_IMAGES = 8

@@ -97,11 +97,17 @@ def _as_list(value):
 
 def _sync_scale_factor(pipe, factor: int) -> None:
     # Pipelines compute these once in __init__, from the VAE they were given (8 when it was None).
+    # An image processor may work at a multiple of the factor (FLUX packs 2×2 latents: factor × 2),
+    # so each keeps its ratio to the pipeline's old factor.
     from diffusers.image_processor import VaeImageProcessor
 
-    if getattr(pipe, "vae_scale_factor", factor) != factor:
+    old = getattr(pipe, "vae_scale_factor", None)
+    if old is not None and old != factor:
         pipe.vae_scale_factor = factor
     for name, value in list(vars(pipe).items()):
-        if isinstance(value, VaeImageProcessor) and value.config.get("vae_scale_factor") != factor:
-            setattr(pipe, name, type(value).from_config({**value.config, "vae_scale_factor": factor}))
-
+        if not isinstance(value, VaeImageProcessor):
+            continue
+        have = value.config.get("vae_scale_factor")
+        want = factor * (have // old) if old and have and have % old == 0 else factor
+        if have != want:
+            setattr(pipe, name, type(value).from_config({**value.config, "vae_scale_factor": want}))

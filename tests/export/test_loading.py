@@ -19,6 +19,7 @@ def test_demo_is_the_sdxl_architecture_and_deterministic():
     assert sum(p.numel() for p in a.vae.parameters()) == 83_653_863
     assert list(a.vae.config.block_out_channels) == [128, 256, 512, 512]
     assert a.vae.config.scaling_factor == 0.13025
+    assert a.family == "sdxl" and a.name == "demo" and a.source["force_upcast"] is False  # the fp16-fix's config
     assert a.source["weights_sha256"] == load_demo().source["weights_sha256"]
     assert a.source["weights_sha256"] != load_demo(seed=1).source["weights_sha256"]
 
@@ -41,18 +42,22 @@ def test_single_safetensors_file_in_diffusers_keys(tmp_path):
     save_file({k: v.half().contiguous() for k, v in demo.state_dict().items()}, str(path))
     loaded = load_vae(str(path))
     assert loaded.name == "my-sdxl-vae"
-    assert loaded.source == {"kind": "file", "model": str(path.resolve()), "weights_sha256": sha256_file(path)}
+    assert loaded.source == {"kind": "file", "model": str(path.resolve()), "family": "sdxl", "key_names": "diffusers",
+                             "force_upcast": False, "weights_sha256": sha256_file(path)}
     w = "decoder.conv_out.weight"
     assert torch.equal(loaded.vae.state_dict()[w], demo.state_dict()[w].half().float())
 
 
-def test_single_file_of_another_architecture_is_refused_clearly(tmp_path, tiny_dir):
+def test_single_file_of_another_architecture_is_read_from_its_tensors(tmp_path, tiny_dir, capsys):
     from safetensors.torch import load_file
 
     path = tmp_path / "tiny.safetensors"
     save_file(load_file(tiny_dir / "diffusion_pytorch_model.safetensors"), str(path))
-    with pytest.raises(ModelLoadError, match="does not match the SDXL VAE architecture"):
-        load_vae(str(path))
+    loaded = load_vae(str(path))
+    assert list(loaded.vae.config.block_out_channels) == [32, 64]
+    # Its norm_num_groups (8) is in no tensor: the family's 32 is used, and the output says so.
+    assert "block_out_channels, layers_per_block differ from the published sdxl VAE's; norm_num_groups=32" in \
+        " ".join(capsys.readouterr().out.split())
 
 
 def test_pickle_checkpoints_are_refused(tmp_path, tiny_dir):

@@ -1,7 +1,7 @@
 """Where a VAE comes from: `demo`, a Hub repo id, a local diffusers folder, or one .safetensors file.
 
 Every source ends as an fp32 `AutoencoderKL` in eval mode on the CPU, plus a description
-of where it came from for the manifest.
+of where it came from for the manifest, including its family (families.py) where it has one.
 """
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from rich.markup import escape
 
 from .. import defaults
 from ..errors import ModelLoadError
 from ..files import sha256_file
+from . import families
+from .progress import console
 
 DEMO = "demo"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -31,35 +33,44 @@ _PICKLE_WHY = (
 class LoadedVae:
     vae: AutoencoderKL
     name: str  # short name, used for the default output folder
-    source: dict = field(default_factory=dict)  # kind, model, weights_sha256: goes into the manifest
+    source: dict = field(default_factory=dict)  # kind, model, family, weights_sha256: goes into the manifest
+
+    @property
+    def family(self) -> str | None:
+        return self.source.get("family")
 
 
 def sdxl_vae_config() -> dict:
     """The SDXL VAE architecture, shipped so single files and `demo` need no download."""
-    text = resources.files("trtvae.export").joinpath("configs/sdxl_vae.json").read_text()
-    return json.loads(text)
+    return families.family_config("sdxl")
 
 
-def load_vae(model: str = defaults.MODEL, allow_pickle: bool = False, subfolder: str | None = None) -> LoadedVae:
+def load_vae(model: str = defaults.MODEL, allow_pickle: bool = False, subfolder: str | None = None,
+             family: str | None = None) -> LoadedVae:
+    """Load `model`; `family` (families.NAMES) says what weights alone cannot: which latent scale it has."""
+    families.check_name(family)
     if model == DEMO:
-        return load_demo()
+        return load_demo(family=family or families.DEFAULT)
     path = Path(os.path.expanduser(model))
     if path.is_dir():
-        return _load_folder(path, allow_pickle)
+        return _load_folder(path, allow_pickle, family=family)
     if path.is_file():
-        return _load_single_file(path, allow_pickle)
+        return _load_single_file(path, allow_pickle, family)
     if path.suffix in (".safetensors", *PICKLE_SUFFIXES) or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelLoadError(f"model path {model!r} does not exist")
-    return _load_hub(model, allow_pickle, subfolder)
+    return _load_hub(model, allow_pickle, subfolder, family)
 
 
-def peek_config(model: str, subfolder: str | None = None) -> dict | None:
-    """The model's config without reading weights, where that costs nothing (no download); else None."""
+def peek_config(model: str, subfolder: str | None = None, family: str | None = None) -> dict | None:
+    """The model's config without reading weights, where that costs nothing (no download); else None.
+
+    A single file's architecture is in its tensors, so it has none to peek at.
+    """
     if model == DEMO:
-        return sdxl_vae_config()
+        return families.family_config(family or families.DEFAULT)
     path = Path(os.path.expanduser(model))
     if path.is_file():
-        return sdxl_vae_config() if path.suffix == ".safetensors" else None
+        return None
     for folder in (path, path / "vae"):
         if (folder / "config.json").is_file():
             try:
@@ -70,14 +81,22 @@ def peek_config(model: str, subfolder: str | None = None) -> dict | None:
     return None
 
 
-def load_demo(seed: int = 0) -> LoadedVae:
-    """The exact SDXL-VAE architecture with seeded random weights: offline, deterministic."""
-    config = sdxl_vae_config()
+def load_demo(seed: int = 0, family: str = families.DEFAULT) -> LoadedVae:
+    """A family's exact VAE architecture (default SDXL's) with seeded random weights: offline, deterministic."""
+    config = families.family_config(family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL.from_config(config)
     vae = vae.eval().requires_grad_(False)
-    return LoadedVae(vae, DEMO, {"kind": "demo", "model": DEMO, "seed": seed, "weights_sha256": state_dict_sha256(vae)})
+    name = DEMO if family == families.DEFAULT else f"{DEMO}-{family}"
+    return LoadedVae(vae, name, {"kind": "demo", "model": DEMO, "family": family, "seed": seed,
+                                 **_declared(config), "weights_sha256": state_dict_sha256(vae)})
+
+
+def _declared(config: dict) -> dict:
+    # The manifest's vae_config says force_upcast false (the graphs have a fixed precision);
+    # what the source itself declared is kept here: true is its authors' "fp16 is unsafe".
+    return {"force_upcast": bool(families.effective(config, "force_upcast"))}
 
 
 def state_dict_sha256(module: torch.nn.Module) -> str:
@@ -106,7 +125,7 @@ def _find_weights(folder: Path, allow_pickle: bool) -> tuple[Path, str | None]:
 
 
 def _load_folder(folder: Path, allow_pickle: bool, name: str | None = None, kind: str = "folder",
-                 model: str | None = None) -> LoadedVae:
+                 model: str | None = None, family: str | None = None) -> LoadedVae:
     name = name or folder.resolve().name  # the folder the user named, not its vae/ subfolder
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"  # a whole pipeline folder: take its VAE
@@ -115,6 +134,8 @@ def _load_folder(folder: Path, allow_pickle: bool, name: str | None = None, kind
     config = json.loads((folder / "config.json").read_text())
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise ModelLoadError(f"{folder}/config.json describes a {config['_class_name']}, expected AutoencoderKL")
+    if family is not None:
+        families.check_against(config, family, f"{folder}/config.json")
     weights, variant = _find_weights(folder, allow_pickle)
     try:
         vae = AutoencoderKL.from_pretrained(
@@ -125,48 +146,62 @@ def _load_folder(folder: Path, allow_pickle: bool, name: str | None = None, kind
     return LoadedVae(
         vae.eval().requires_grad_(False),
         name,
-        {"kind": kind, "model": model or str(folder.resolve()), "weights_file": weights.name,
-         "weights_sha256": sha256_file(weights)},
+        {"kind": kind, "model": model or str(folder.resolve()), "family": family or families.identify(config),
+         **_declared(config), "weights_file": weights.name, "weights_sha256": sha256_file(weights)},
     )
 
 
-def _load_single_file(path: Path, allow_pickle: bool) -> LoadedVae:
+def _load_single_file(path: Path, allow_pickle: bool, family: str | None) -> LoadedVae:
+    state = _read_state(path, allow_pickle)
+    vae_state, prefix = families.strip_prefix(state)
+    fmt = families.key_format(vae_state)
+    architecture = families.read_architecture(vae_state, prefix)
+    family, note = families.choose_family(architecture, family, path.name)
+    if note:
+        console.print(f"[yellow]![/] {escape(note)}")
+    config = families.config_for_file(architecture, family)
+    families.check_tensors(vae_state, config, fmt, prefix)
+    differs = families.differs_from_published(architecture, family)
+    if differs:
+        # Everything else comes from the family's config; norm_num_groups above all, which no tensor records.
+        console.print(f"[yellow]![/] {escape(path.name)}: {', '.join(differs)} differ from the published {family} "
+                      f"VAE's; norm_num_groups={config['norm_num_groups']} and the rest are taken from its config")
+    if fmt == "ldm":
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        # It reads the prefix itself; every tensor was checked above, so none is dropped unseen.
+        vae_state = convert_ldm_vae_checkpoint({prefix + k: v for k, v in vae_state.items()}, config)
+    vae = AutoencoderKL.from_config(config)
+    try:
+        vae.load_state_dict({k: v.float() for k, v in vae_state.items()}, strict=True)
+    except RuntimeError as e:  # check_tensors passed, so this is a conversion gap, not the user's file
+        raise ModelLoadError(f"{path.name}: its tensors fit the {family} architecture but could not be loaded: "
+                             f"{str(e).splitlines()[0]}") from e
+    return LoadedVae(
+        vae.eval().requires_grad_(False),
+        path.stem,
+        {"kind": "file", "model": str(path.resolve()), "family": family, "key_names": fmt,
+         **_declared(config), "weights_sha256": sha256_file(path)},
+    )
+
+
+def _read_state(path: Path, allow_pickle: bool) -> dict:
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise ModelLoadError(f"{path.name} is a pickle checkpoint: {_PICKLE_WHY}")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(path)
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ModelLoadError(f"could not read {path}: {e}") from e
-    else:
+        return state.get("state_dict", state)
+    if path.suffix != ".safetensors":
         raise ModelLoadError(f"{path.name}: expected a .safetensors file (or a diffusers folder)")
-    config = sdxl_vae_config()
-    if not any(k.startswith(("decoder.up_blocks.", "encoder.down_blocks.")) for k in state):
-        # Original (LDM / ComfyUI / A1111) key names, possibly under a `first_stage_model.` prefix.
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
 
-        state = convert_ldm_vae_checkpoint(state, config)
-    vae = AutoencoderKL.from_config(config)
     try:
-        vae.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(
-            f"{path.name} does not match the SDXL VAE architecture (single files are loaded with the "
-            f"built-in SDXL-VAE config; use a diffusers folder for other VAEs): {str(e).splitlines()[0]}"
-        ) from e
-    return LoadedVae(
-        vae.eval().requires_grad_(False),
-        path.stem,
-        {"kind": "file", "model": str(path.resolve()), "weights_sha256": sha256_file(path)},
-    )
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ModelLoadError(f"could not read {path}: {e}") from e
 
 
-def _load_hub(repo_id: str, allow_pickle: bool, subfolder: str | None) -> LoadedVae:
+def _load_hub(repo_id: str, allow_pickle: bool, subfolder: str | None, family: str | None) -> LoadedVae:
     from huggingface_hub import snapshot_download
 
     prefixes = [f"{subfolder}/"] if subfolder else ["", "vae/"]
@@ -183,4 +218,4 @@ def _load_hub(repo_id: str, allow_pickle: bool, subfolder: str | None) -> Loaded
             f"Pass a local diffusers folder or .safetensors file with --model, or try --model demo"
         ) from None
     folder = local / subfolder if subfolder else local
-    return _load_folder(folder, allow_pickle, name=repo_id.split("/")[-1], kind="hub", model=repo_id)
+    return _load_folder(folder, allow_pickle, name=repo_id.split("/")[-1], kind="hub", model=repo_id, family=family)

@@ -14,6 +14,9 @@ from ..errors import OptionError
 from ..precision import PRECISIONS
 from ..profiles import make_profile, parse_profile_option
 from .engine import engines_unavailable_reason
+from .families import NAMES as FAMILY_NAMES
+from .families import check_name as check_family
+from .fp16.calibration import list_images
 
 ENGINE_MODES = ("auto", "required", "skip")
 ENGINES_GROUP = "TensorRT engines (built where TensorRT and a CUDA GPU are present)"
@@ -40,6 +43,9 @@ class ExportOptions:
         verify: compare with the PyTorch fp32 reference and fail on a missed threshold.
         allow_pickle: accept .ckpt/.bin/.pt weights (pickle can run code).
         subfolder: subfolder of a Hub repo holding the VAE.
+        family: "sd15", "sdxl", "sd3" or "flux": the latent space (scaling/shift factors) of a single
+            file, whose weights cannot tell; checked against a folder's own config; the demo's architecture.
+        images: a folder of PNG/JPEG images added to the fp16 audit's calibration set.
         engines: "auto" (build where TensorRT and a GPU exist), "required" or "skip".
         batch, resolution, opt, static: one engine profile (batch MIN-MAX, image side MIN-MAX in
             pixels, the side it is tuned for, or one fixed WxH size).
@@ -85,11 +91,22 @@ class ExportOptions:
                                           metavar="GIB", help="TensorRT workspace cap in GiB (default %(default)s); "
                                                               "bounds build memory in the attention block")
     subfolder: str | None = _option(None, "--subfolder", help="subfolder of a Hub repo holding the VAE (e.g. vae)")
+    family: str | None = _option(None, "--family", choices=FAMILY_NAMES,
+                                 help="VAE family: its latent scale for a single file (weights cannot tell SD1 from "
+                                      "SDXL or SD3 from FLUX.1; default for 4 channels: sdxl), checked against a "
+                                      "folder's config, and the architecture of --model demo (default sdxl)")
+    images: Path | None = _option(None, "--images", type=Path, metavar="DIR",
+                                  help="fp16: add the PNG/JPEG images in DIR to the audit's calibration set")
     allow_pickle: bool = _option(False, "--allow-pickle", action="store_true",
                                  help="allow .ckpt/.bin/.pt weights (pickle can run code: only for sources you trust)")
 
     def check(self) -> None:
         """Reject nonsense before any work starts."""
+        check_family(self.family)
+        if self.images is not None:
+            list_images(self.images)  # a missing or empty folder fails now, not after the model is loaded
+            if self.precision != "fp16":
+                raise OptionError(f"--images calibrates the fp16 audit; --precision is {self.precision}")
         if self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.components = parse_components(self.components)
@@ -131,14 +148,16 @@ class ExportOptions:
 
     def as_manifest(self) -> dict:
         """What was asked for, so the engines can be rebuilt elsewhere with the same choices."""
-        return {"model": self.model, "subfolder": self.subfolder, "precision": self.precision,
+        return {"model": self.model, "subfolder": self.subfolder, "family": self.family,
+                "images": None if self.images is None else str(self.images), "precision": self.precision,
                 "components": list(self.components), "rescale": self.rescale, "fp32_norm": self.fp32_norm,
                 "allow_pickle": self.allow_pickle, "profiles": self.profile_texts(),
                 "builder_optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib}
 
     def summary_line(self) -> str:
         """The checked options in one line, so a log shows what was asked for."""
-        parts = [f"model={self.model}", f"precision={self.precision}",
+        parts = [f"model={self.model}", *([f"family={self.family}"] if self.family else []),
+                 f"precision={self.precision}",
                  f"out={self.out or defaults.OUT_ROOT + '/<model-name>'}",
                  f"components={','.join(self.components)}", f"verify={'on' if self.verify else 'off'}",
                  f"engines={self.engines}"]
@@ -146,6 +165,8 @@ class ExportOptions:
             parts.append("profiles=" + " | ".join(self.profile_texts()))
         if self.precision == "fp16":
             parts.append(f"rescale={'on' if self.rescale else 'off'}" + (" fp32-norm" if self.fp32_norm else ""))
+            if self.images is not None:
+                parts.append(f"images={self.images}")
         return "vae-export " + "  ".join(parts)
 
 

@@ -36,12 +36,12 @@ def run_export(opts: ExportOptions) -> Path:
     """
     opts.check()
     console.print(escape(opts.summary_line()), soft_wrap=True)
-    config = peek_config(opts.model, opts.subfolder)
+    config = peek_config(opts.model, opts.subfolder, opts.family)
     if config is not None and opts.engines != "skip":
         opts.image_profiles(spatial_factor(config))  # before any weights are read
 
     with stage("load model") as info:
-        loaded = load_vae(opts.model, allow_pickle=opts.allow_pickle, subfolder=opts.subfolder)
+        loaded = load_vae(opts.model, allow_pickle=opts.allow_pickle, subfolder=opts.subfolder, family=opts.family)
         info["detail"] = loaded.source["model"] if loaded.source["kind"] == "demo" else \
             f"{loaded.source['kind']}: {loaded.source['model']}"
     vae = loaded.vae  # stays the untouched fp32 reference for verify
@@ -56,7 +56,8 @@ def run_export(opts: ExportOptions) -> Path:
     if opts.precision == "fp16":
         from .fp16.safety import make_fp16_safe
 
-        export_vae, manifest["fp16_safety"] = make_fp16_safe(vae, opts.components, out, opts.rescale, opts.fp32_norm)
+        export_vae, manifest["fp16_safety"] = make_fp16_safe(vae, opts.components, out, opts.rescale, opts.fp32_norm,
+                                                               images=opts.images)
 
     for name in opts.components:  # export_onnx checks each graph before it is written
         path = out / f"{name}.onnx"
@@ -71,6 +72,10 @@ def run_export(opts: ExportOptions) -> Path:
 
     manifest["verify"] = verify_export(vae, out, manifest, specs, opts.precision, opts.components,
                                        grid_path=out / VERIFY_PNG) if opts.verify else {"status": "skipped"}
+    if opts.precision == "fp16":
+        from .fp16.safety import check_verify_against_audit
+
+        check_verify_against_audit(manifest["fp16_safety"], manifest["verify"], loaded.source.get("force_upcast"))
 
     manifest["files"] = present_outputs(out)
     write_manifest(out, manifest)
@@ -111,6 +116,8 @@ def _manifest_head(vae, source: dict, opts: ExportOptions) -> dict:
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # Which published VAE's latent space this is (None: a custom one); vae_config has its factors.
+        "family": source.get("family"),
         "source": source,
         "precision": opts.precision,
         # Graph inputs and outputs carry the model precision; callers cast (OrtVae/TRTVae do).

@@ -28,6 +28,12 @@ def rebuild_command(manifest: dict, directory) -> str:
            "--out", str(directory), "--engines", "required"]
     if opts.get("subfolder"):
         cmd += ["--subfolder", opts["subfolder"]]
+    # A file's latent scale (and the demo's architecture) is the family it was exported as, not a default.
+    family = manifest.get("family") if src.get("kind") in ("file", "demo") else opts.get("family")
+    if family:
+        cmd += ["--family", family]
+    if opts.get("images"):
+        cmd += ["--images", opts["images"]]
     if opts.get("components") and sorted(opts["components"]) != ["decoder", "encoder"]:
         cmd += ["--components", ",".join(opts["components"])]
     for flag, key, default in (("--no-rescale", "rescale", True), ("--fp32-norm", "fp32_norm", False),

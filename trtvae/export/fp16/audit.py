@@ -77,6 +77,8 @@ class AuditResult:
     plans: dict = field(default_factory=dict, repr=False)  # component → rescale.Plan
     inputs: dict = field(default_factory=dict, repr=False)  # the calibration: component → [(label, tensor)]
     seconds: float = 0.0
+    # The model's own config says force_upcast: true, the ecosystem's flag for "fp16 is unsafe".
+    declares_force_upcast: bool = False
 
     # -- verdict -------------------------------------------------------------
     @property
@@ -148,6 +150,7 @@ class AuditResult:
             "norm_sq_margin_bits": _json_float(round(self.norm_margin_bits, 2)),
             "rescale_possible": self.rescale_possible,
             "recommendation": self.recommendation,
+            "declares_force_upcast": self.declares_force_upcast,
             "seconds": round(self.seconds, 1),
         }
 
@@ -272,15 +275,18 @@ def annotate(vae, result: AuditResult) -> None:
             s.input_scale_group = plan.scale_of(s.name, "in")
 
 
-def audit_model(vae, components=COMPONENTS, calibration: dict | None = None) -> AuditResult:
+def audit_model(vae, components=COMPONENTS, calibration: dict | None = None, image_dir=None) -> AuditResult:
     """Audit `vae` (fp32, unchanged): calibrate (unless `calibration` is given) → measure → annotate.
 
     The calibration used is kept on the result, so a rescaled copy is audited on the same inputs.
+    `image_dir`: a folder of the user's images added to the built-in calibration.
     """
     start = time.perf_counter()
-    calibration = calibration or calibration_inputs(vae, components)
+    calibration = calibration or calibration_inputs(vae, components, image_dir=image_dir)
     result = measure(vae, components, calibration)
     annotate(vae, result)
     result.inputs = calibration
+    # diffusers' default is true, so a config without the key declares it too, as pipelines read it.
+    result.declares_force_upcast = bool(getattr(vae.config, "force_upcast", False))
     result.seconds = time.perf_counter() - start
     return result

@@ -3,17 +3,22 @@
 Images carry what drives a VAE's activations hardest in practice: saturated colours,
 sharp edges, high-frequency strokes (text) and smooth gradients. Latents come from
 those images through the fp32 encoder, since that is what a pipeline decodes for
-img2img; scaled random latents stand in for text-to-image latents.
+img2img; scaled random latents stand in for text-to-image latents. The user's own
+images (`--images DIR`) join the built-in ones, since real images can drive
+activations harder than synthetic ones.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ... import defaults
 from ...components import DECODER, ENCODER, spatial_factor
+from ...errors import OptionError
 
-
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def _gradient(h, w, rng):
     y, x = np.mgrid[0:h, 0:w] / np.array([max(h - 1, 1), max(w - 1, 1)])[:, None, None]
@@ -88,12 +93,13 @@ def calibration_images(sizes, channels: int = 3, seed: int = 0) -> list:
 
 
 def random_latents(config, sizes, seed: int = 0) -> list:
-    """Unit-variance latents divided by the scaling factor: what text-to-image hands to decode."""
+    """Unit-variance latents as text-to-image hands them to decode: z / scaling_factor + shift_factor."""
     g = torch.Generator().manual_seed(seed)
-    sf = float(config.get("scaling_factor", 1.0))
+    sf = float(config.get("scaling_factor") or 1.0)
+    shift = float(config.get("shift_factor") or 0.0)  # SD3 and FLUX.1 latents are shifted, SD1/SDXL ones not
     out = []
     for h, w in sizes:
-        z = torch.randn(1, int(config["latent_channels"]), h, w, generator=g) / sf
+        z = torch.randn(1, int(config["latent_channels"]), h, w, generator=g) / sf + shift
         out.append((f"random latents {h}x{w}", z))
     return out
 
@@ -104,10 +110,57 @@ def encoded_latents(vae, images: list) -> list:
     return [(f"latents of {label}", vae.encode(x).latent_dist.mean) for label, x in images]
 
 
-def calibration_inputs(vae, components, latent_sizes=defaults.CALIBRATION_LATENT_SIZES) -> dict:
-    """{component: [(label, input)]}; decoder latents need the encoder, whatever is audited."""
+def list_images(folder) -> list:
+    """The PNG/JPEG files of `folder`, sorted; an OptionError for a missing folder or one without images."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise OptionError(f"--images {folder}: no such folder (expected a folder of .png/.jpg images)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise OptionError(f"--images {folder}: no {'/'.join(IMAGE_SUFFIXES)} images in it")
+    return files
+
+
+def load_images(folder, factor: int, max_side: int = defaults.CALIBRATION_IMAGE_SIDE,
+                limit: int = defaults.CALIBRATION_IMAGES) -> list:
+    """[(label, RGB image [1, 3, H, W] in [-1, 1])]: each file shrunk to `max_side`, centre-cropped to the factor."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = list_images(folder)
+    if len(files) > limit:
+        from ..progress import console
+
+        console.print(f"[yellow]![/] --images {folder}: {len(files)} images, calibrating on the first {limit}")
+        files = files[:limit]
+    out = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # keeps the aspect ratio
+                w, h = (im.width // factor) * factor, (im.height // factor) * factor
+                if not w or not h:
+                    raise OptionError(f"--images: {path} is smaller than {factor}×{factor} pixels")
+                left, top = (im.width - w) // 2, (im.height - h) // 2
+                pixels = np.asarray(im.crop((left, top, left + w, top + h)), dtype=np.float32)
+        except (OSError, UnidentifiedImageError) as e:
+            raise OptionError(f"--images: cannot read {path}: {e}") from None
+        out.append((f"image {path.name} {h}x{w}", torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1))
+    return out
+
+
+def calibration_inputs(vae, components, latent_sizes=defaults.CALIBRATION_LATENT_SIZES, image_dir=None) -> dict:
+    """{component: [(label, input)]}; decoder latents need the encoder, whatever is audited.
+
+    `image_dir`: the user's images, added to the built-in ones (and their latents to the decoder's).
+    """
     f = spatial_factor(vae.config)
-    images = calibration_images([(h * f, w * f) for h, w in latent_sizes], int(vae.config.get("in_channels", 3)))
+    channels = int(vae.config.get("in_channels", 3))
+    images = calibration_images([(h * f, w * f) for h, w in latent_sizes], channels)
+    if image_dir is not None:
+        if channels != 3:
+            raise OptionError(f"--images: the model takes {channels}-channel images, not RGB")
+        images += load_images(image_dir, f)
     out = {}
     if ENCODER in components:
         out[ENCODER] = images

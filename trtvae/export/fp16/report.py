@@ -68,7 +68,16 @@ def verdict_line(result: AuditResult) -> str:
     norm = ("" if result.norm_stats_fp16_safe else
             f"; GroupNorm statistics exceed fp16 by {-result.norm_margin_bits:.1f} bits if kept in fp16")
     return (f"{head}: margin {_fmt_bits(result.margin_bits)} bits{where}{norm}. "
-            f"Recommendation: {result.recommendation} — {result.advice()}")
+            f"Recommendation: {result.recommendation} — {result.advice()}{_force_upcast_note(result)}")
+
+
+def _force_upcast_note(result: AuditResult) -> str:
+    if not result.declares_force_upcast:
+        return ""
+    if result.fp16_safe:
+        return (". The model's config declares force_upcast: true (its authors run it in fp32); "
+                "the audit found fp16 safe on its calibration, and verify fails on any NaN or inf")
+    return ". The model's config declares force_upcast: true (its authors run it in fp32), as the audit confirms"
 
 
 def print_audit(result: AuditResult, rows: int = 12, after: AuditResult | None = None) -> None:

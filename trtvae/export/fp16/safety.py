@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import defaults
-from ...errors import ExportError
+from ...errors import ExportError, VerificationError
 from ..progress import console, stage
 from .audit import AuditResult, audit_model
 from .decide import Action, decide, judge_rescaled
-from .limits import ACT_TARGET
+from .limits import ACT_TARGET, FP16_MAX
 from .report import AUDIT_JSON, AUDIT_PNG, plot_audit, print_audit, write_audit_files, write_json
 from .rescale import choose_exponents, rescaled_copy
 
@@ -46,10 +46,14 @@ def rescale(vae, audit: AuditResult, target: float = ACT_TARGET) -> Rescaled:
     return Rescaled(copy_, exponents, audit, after, rel, summary)
 
 
-def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = True, fp32_norm: bool = False):
-    """Audit `vae` for fp16; return (model to export, manifest record). Raises if fp16 cannot work."""
+def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = True, fp32_norm: bool = False,
+                   images: Path | None = None):
+    """Audit `vae` for fp16; return (model to export, manifest record). Raises if fp16 cannot work.
+
+    `images`: a folder of the user's images added to the calibration set.
+    """
     with stage("fp16 audit") as info:
-        audit = audit_model(vae, components)
+        audit = audit_model(vae, components, image_dir=images)
         info["detail"] = (f"max |activation| {audit.worst.max_abs:.4g} at {audit.worst.name}, "
                           f"margin {audit.margin_bits:+.1f} bits")
     action = decide(audit, rescale_enabled, fp32_norm)
@@ -84,11 +88,29 @@ def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = Tr
     return export_vae, record
 
 
+def check_verify_against_audit(record: dict, verify: dict, declares_force_upcast: bool = False) -> None:
+    """A passing verify must not stand where the audit measured overflow in the graph that was exported.
+
+    ONNX Runtime's CPU kernels run parts of an fp16 graph in fp32 (a residual Add feeding an
+    InstanceNormalization, measured: 1.4e5 stays finite there), so its verify can pass on a graph
+    that gives NaN on fp16 runtimes such as TensorRT. The audit measured the exported model itself.
+    """
+    audit = record.get("audit_after_rescale") or record["audit"]
+    if verify.get("status") != "passed" or audit["max_abs"] <= FP16_MAX:
+        return
+    declared = "; the source declares force_upcast: true" if declares_force_upcast else ""
+    raise VerificationError(
+        f"verify passed, but the audit measured |activation| {audit['max_abs']:.4g} > {FP16_MAX:g} at "
+        f"{audit['worst_layer']} in the exported fp16 graph{declared}: ONNX Runtime's CPU kernels run parts of "
+        "an fp16 graph in fp32 and hide it; fp16 runtimes (TensorRT) would give NaN. Export with the exact rescaling "
+        "(without --no-rescale) or with --precision bf16 or fp32. No manifest was written")
+
+
 def audit_command(loaded, components, json_path: Path | None, plot_path: Path | None,
-                  rows: int = defaults.AUDIT_ROWS, with_rescale: bool = False) -> None:
+                  rows: int = defaults.AUDIT_ROWS, with_rescale: bool = False, images: Path | None = None) -> None:
     """`vae-export audit`: the table and verdict, the JSON, and always the plot."""
     with stage("fp16 audit") as info:
-        result = audit_model(loaded.vae, components)
+        result = audit_model(loaded.vae, components, image_dir=images)
         info["detail"] = f"{len(result.layers)} layers, {len(result.calibration)} calibration inputs"
     after = None
     if with_rescale and decide(result) is Action.RESCALE:
