@@ -28,17 +28,17 @@ AUDIT_ROWS_EXPORT = 5  # the export prints a shorter table when fp16 is safe
 # Triton
 TRITON_PREFIX = "vae"
 TRITON_MAX_BATCH = 4
+TRITON_INSTANCES = 1
+SERVE_HOST = "127.0.0.1"  # loopback unless asked: a VAE server has no authentication of its own
+SERVE_HTTP_PORT = 8000
+SERVE_GRPC_PORT = 8001
+SERVE_METRICS_PORT = 8002
 
 # Verify: latent (batch, h, w), with batch > 1, a non-square size and sizes that are not powers of two.
 VERIFY_LATENT_SHAPES = ((2, 8, 8), (1, 10, 14), (1, 13, 7))
 # fp16 calibration: latent (h, w); images are these times the spatial factor (64 and 96×128 px for
 # SDXL), small enough for a CPU audit of the SDXL-size model, non-square so no shape is special.
 CALIBRATION_LATENT_SIZES = ((8, 8), (12, 16))
-TRITON_INSTANCES = 1
-SERVE_HOST = "127.0.0.1"  # loopback unless asked: a VAE server has no authentication of its own
-SERVE_HTTP_PORT = 8000
-SERVE_GRPC_PORT = 8001
-SERVE_METRICS_PORT = 8002
 
 # --images DIR: the user's calibration images, shrunk to this side (px) so a CPU audit of an SDXL-size
 # model stays in seconds per image, and at most this many of them.

@@ -73,7 +73,7 @@ def run_export(opts: ExportOptions) -> Path:
     manifest["verify"] = verify_export(vae, out, manifest, specs, opts.precision, opts.components,
                                        grid_path=out / VERIFY_PNG) if opts.verify else {"status": "skipped"}
     if opts.precision == "fp16":
-        from .fp16.safety import check_verify_against_audit
+        from .fp16.decide import check_verify_against_audit
 
         check_verify_against_audit(manifest["fp16_safety"], manifest["verify"], loaded.source.get("force_upcast"))
 

@@ -16,6 +16,7 @@ from rich.table import Table
 from .. import defaults
 from ..components import DECODER, ENCODER, ComponentSpec
 from ..errors import VerificationError
+from ..latents import unscale
 from ..manifest import has_engines
 from ..metrics import REL_L2_THRESHOLD, ErrorStats, compare, passes
 from .progress import console, stage
@@ -71,10 +72,9 @@ class VerifyReport:
 
 
 def sample_latents(vae_config, batch: int, h: int, w: int, seed: int) -> torch.Tensor:
-    """What a pipeline feeds decode: unit-variance latents divided by the scaling factor."""
+    """What a pipeline feeds decode: unit-variance latents, unscaled (and shifted) as the pipeline does."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(batch, vae_config["latent_channels"], h, w, generator=g)
-    return z / float(vae_config.get("scaling_factor", 1.0))
+    return unscale(torch.randn(batch, vae_config["latent_channels"], h, w, generator=g), vae_config)
 
 
 def sample_images(batch: int, channels: int, height: int, width: int, seed: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..components import DECODER, ENCODER, component_specs, spatial_factor
+from ..latents import unscale
 
 DECODE_IMAGE = "decode_image"
 KINDS = (DECODER, ENCODER, DECODE_IMAGE)
@@ -59,19 +60,6 @@ def model_decls(manifest: dict, prefix: str) -> list:
     return decls
 
 
-def unscale_latents(latents, config):
-    """What diffusers' pipelines do before `vae.decode`: undo the latent scaling (and shift, or mean/std)."""
-    sf = float(config["scaling_factor"])
-    mean, std = config.get("latents_mean"), config.get("latents_std")
-    if mean is not None and std is not None:  # SDXL-style per-channel statistics, as its pipeline applies them
-        shape = (1, -1) + (1,) * (latents.ndim - 2)
-        mean = latents.new_tensor(mean).view(shape)
-        std = latents.new_tensor(std).view(shape)
-        return latents * std / sf + mean
-    shift = config.get("shift_factor")
-    return latents / sf + (float(shift) if shift is not None else 0.0)
-
-
 class ServedModel:
     """One served model over a runtime: numpy batch in, numpy batch out, the runtime's checks on the way."""
 
@@ -98,7 +86,7 @@ class ServedModel:
                 if not torch.isfinite(x).all():  # the runtime would say it after unscaling; say it of `latents`
                     raise ValueError(f"{self.decl.name} input 'latents': {int((~torch.isfinite(x)).sum())} of "
                                      f"{x.numel()} values are NaN or inf; refusing to decode them")
-                image = self.runtime.decode(unscale_latents(x.float(), self.runtime.config)).sample
+                image = self.runtime.decode(unscale(x.float(), self.runtime.config)).sample
                 pixels = self._processor.postprocess(image.float().cpu(), output_type="np")
                 return np.round(pixels * 255).astype(np.uint8)
         return y.cpu().numpy()

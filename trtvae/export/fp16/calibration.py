@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ... import defaults
+from ...latents import unscale
 from ...components import DECODER, ENCODER, spatial_factor
 from ...errors import OptionError
 
@@ -93,13 +94,11 @@ def calibration_images(sizes, channels: int = 3, seed: int = 0) -> list:
 
 
 def random_latents(config, sizes, seed: int = 0) -> list:
-    """Unit-variance latents as text-to-image hands them to decode: z / scaling_factor + shift_factor."""
+    """Unit-variance latents as text-to-image hands them to decode (unscaled: / scaling_factor + shift_factor)."""
     g = torch.Generator().manual_seed(seed)
-    sf = float(config.get("scaling_factor") or 1.0)
-    shift = float(config.get("shift_factor") or 0.0)  # SD3 and FLUX.1 latents are shifted, SD1/SDXL ones not
     out = []
     for h, w in sizes:
-        z = torch.randn(1, int(config["latent_channels"]), h, w, generator=g) / sf + shift
+        z = unscale(torch.randn(1, int(config["latent_channels"]), h, w, generator=g), config)
         out.append((f"random latents {h}x{w}", z))
     return out
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import enum
 import math
 
-from ...errors import ExportError
+from ...errors import ExportError, VerificationError
 from .audit import AuditResult
-from .limits import RESCALE_TOLERANCE
+from .limits import FP16_MAX, RESCALE_TOLERANCE
 
 
 class Action(enum.Enum):
@@ -52,3 +52,21 @@ def judge_rescaled(before: AuditResult, after: AuditResult) -> float:
         raise ExportError(f"rescaling left {after.worst.name} at {after.worst.max_abs:.4g}; "
                           "export with --precision bf16 or fp32")
     return rel
+
+
+def check_verify_against_audit(record: dict, verify: dict, declares_force_upcast: bool = False) -> None:
+    """A passing verify must not stand where the audit measured overflow in the graph that was exported.
+
+    ONNX Runtime's CPU kernels run parts of an fp16 graph in fp32 (a residual Add feeding an
+    InstanceNormalization, measured: 1.4e5 stays finite there), so its verify can pass on a graph
+    that gives NaN on fp16 runtimes such as TensorRT. The audit measured the exported model itself.
+    """
+    audit = record.get("audit_after_rescale") or record["audit"]
+    if verify.get("status") != "passed" or audit["max_abs"] <= FP16_MAX:
+        return
+    declared = "; the source declares force_upcast: true" if declares_force_upcast else ""
+    raise VerificationError(
+        f"verify passed, but the audit measured |activation| {audit['max_abs']:.4g} > {FP16_MAX:g} at "
+        f"{audit['worst_layer']} in the exported fp16 graph{declared}: ONNX Runtime's CPU kernels run parts of "
+        "an fp16 graph in fp32 and hide it; fp16 runtimes (TensorRT) would give NaN. Export with the exact rescaling "
+        "(without --no-rescale) or with --precision bf16 or fp32. No manifest was written")

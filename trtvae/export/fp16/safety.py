@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import defaults
-from ...errors import ExportError, VerificationError
+from ...errors import ExportError
 from ..progress import console, stage
 from .audit import AuditResult, audit_model
 from .decide import Action, decide, judge_rescaled
-from .limits import ACT_TARGET, FP16_MAX
+from .limits import ACT_TARGET
 from .report import AUDIT_JSON, AUDIT_PNG, plot_audit, print_audit, write_audit_files, write_json
 from .rescale import choose_exponents, rescaled_copy
 
@@ -86,24 +86,6 @@ def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = Tr
         raise ExportError(f"fp16 export stopped: {audit.advice()}. To export the fp16 graph anyway and let "
                           "verify judge it, pass --no-rescale or --fp32-norm")
     return export_vae, record
-
-
-def check_verify_against_audit(record: dict, verify: dict, declares_force_upcast: bool = False) -> None:
-    """A passing verify must not stand where the audit measured overflow in the graph that was exported.
-
-    ONNX Runtime's CPU kernels run parts of an fp16 graph in fp32 (a residual Add feeding an
-    InstanceNormalization, measured: 1.4e5 stays finite there), so its verify can pass on a graph
-    that gives NaN on fp16 runtimes such as TensorRT. The audit measured the exported model itself.
-    """
-    audit = record.get("audit_after_rescale") or record["audit"]
-    if verify.get("status") != "passed" or audit["max_abs"] <= FP16_MAX:
-        return
-    declared = "; the source declares force_upcast: true" if declares_force_upcast else ""
-    raise VerificationError(
-        f"verify passed, but the audit measured |activation| {audit['max_abs']:.4g} > {FP16_MAX:g} at "
-        f"{audit['worst_layer']} in the exported fp16 graph{declared}: ONNX Runtime's CPU kernels run parts of "
-        "an fp16 graph in fp32 and hide it; fp16 runtimes (TensorRT) would give NaN. Export with the exact rescaling "
-        "(without --no-rescale) or with --precision bf16 or fp32. No manifest was written")
 
 
 def audit_command(loaded, components, json_path: Path | None, plot_path: Path | None,
