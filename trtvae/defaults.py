@@ -34,3 +34,6 @@ VERIFY_LATENT_SHAPES = ((2, 8, 8), (1, 10, 14), (1, 13, 7))
 # fp16 calibration: latent (h, w); images are these times the spatial factor (64 and 96×128 px for
 # SDXL), small enough for a CPU audit of the SDXL-size model, non-square so no shape is special.
 CALIBRATION_LATENT_SIZES = ((8, 8), (12, 16))
+# CUDA graphs: all graph slots of one TRTVae together pin at most this fraction of the device memory free
+# when it is made (below TensorRT 10.10 each slot holds its profile's largest activation memory).
+GRAPH_MEMORY_FRACTION = 0.5
