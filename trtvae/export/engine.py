@@ -55,15 +55,23 @@ def engines_unavailable_reason() -> str | None:
         import tensorrt  # the libraries may be missing behind the bindings
     except Exception as e:  # an ImportError or OSError from the native libraries
         return f"TensorRT does not import: {_first_line(e)}"
-    # A driver too old for this TensorRT build fails only here, as a TypeError from the bindings'
-    # constructor (not a PolygraphyException), so the build would crash instead of being skipped.
+    return builder_problem(tensorrt)
+
+
+def builder_problem(tensorrt) -> str | None:
+    """Why TensorRT cannot create a builder here, or None. Needs a GPU to say anything useful.
+
+    A driver too old for this TensorRT build fails only here, as a TypeError from the bindings'
+    constructor (not a PolygraphyException), so the build would crash instead of being skipped.
+    """
+    version = getattr(tensorrt, "__version__", "?")
     try:
         builder = tensorrt.Builder(tensorrt.Logger(tensorrt.Logger.ERROR))
     except Exception as e:
-        return (f"TensorRT {getattr(tensorrt, '__version__', '?')} cannot create a builder on this machine "
-                f"({type(e).__name__}: {_first_line(e)}); is the NVIDIA driver recent enough for this TensorRT build?")
+        return (f"TensorRT {version} cannot create a builder on this machine ({type(e).__name__}: "
+                f"{_first_line(e)}); is the NVIDIA driver recent enough for this TensorRT build?")
     if not builder:
-        return f"TensorRT {getattr(tensorrt, '__version__', '?')} returned no builder (see its log above)"
+        return f"TensorRT {version} returned no builder (see its log above)"
     del builder
     return None
 
