@@ -6,6 +6,7 @@ compatibility, context sharing) lives in pure-Python modules beside this one.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,12 @@ _STREAM_SETS: dict = {}
 _STREAM_SETS_GUARD = threading.Lock()
 
 
+def _give_back_all(streams: StreamSet, taken: list) -> None:
+    for stream in taken:
+        streams.give_back(stream)
+    taken.clear()
+
+
 def _stream_set(device: torch.device) -> StreamSet:
     with _STREAM_SETS_GUARD:
         if device.index not in _STREAM_SETS:
@@ -134,6 +141,8 @@ class TRTVae(VaeRuntime):
         self._engines: dict = {}
         self._engine_lock = threading.Lock()
         self._streams = _stream_set(self._device)
+        self._taken: list = []  # this instance's streams, handed back when it is collected
+        weakref.finalize(self, _give_back_all, self._streams, self._taken)
         # With CUDA graphs a slot per shape; each pins its memory, so the least recently used go first.
         self._pool = ContextPool(self._new_slot, max_items=defaults.GRAPH_SLOTS if cuda_graphs else None,
                                  max_bytes=self.graph_memory_bytes, size_of=slot_bytes, on_evict=self._drop_slot)
@@ -210,12 +219,14 @@ class TRTVae(VaeRuntime):
             if context is None:
                 raise RuntimeError(f"TensorRT could not create an execution context for the {component} engine")
             stream = self._streams.take()
+            self._taken.append(stream)
             context.set_optimization_profile_async(index, stream.cuda_stream)
         return _Slot(context, stream)
 
     def _drop_slot(self, slot: _Slot) -> None:
         slot.stream.synchronize()  # its GPU work may still run on its memory
         self._streams.give_back(slot.stream)
+        self._taken.remove(slot.stream)
 
     def _enqueue(self, slot: _Slot, spec, x: torch.Tensor, out: torch.Tensor) -> None:
         """Run one inference on the slot's stream (the current stream when called)."""
