@@ -200,6 +200,23 @@ def test_engine_build_and_decode_on_gpu(tmp_path, tiny_dir):
     image = vae.decode(torch.randn(2, 4, 12, 20, device="cuda")).sample
     assert image.shape == (2, 3, 24, 40) and image.is_cuda and torch.isfinite(image).all()
 
+    # Issue 11 on a real engine: offset views (slicing, batch split), and CUDA graphs captured under
+    # inference_mode then replayed under no_grad, with a byte budget small enough to evict.
+    z = torch.randn(3, 4, 12, 20, device="cuda")
+    whole = torch.cat([vae.decode(z[i:i + 1]).sample for i in range(3)])
+    assert torch.allclose(vae.decode(z).sample, whole, atol=2e-3)  # batch 3 > profile max 2: split
+    vae.enable_slicing()
+    assert torch.allclose(vae.decode(z[:2]).sample, whole[:2], atol=2e-3)
+    vae.disable_slicing()
+    graphs = TRTVae.from_pretrained(out, cuda_graphs=True, graph_memory_bytes=1)
+    with torch.inference_mode():
+        first = graphs.decode(z[:2]).sample.clone()
+    with torch.no_grad():
+        again = graphs.decode(z[:2]).sample
+        other = graphs.decode(z[:1, :, :8, :8]).sample  # a second shape evicts the first under the budget
+    assert torch.allclose(first, whole[:2], atol=2e-3) and torch.allclose(again, whole[:2], atol=2e-3)
+    assert other.shape == (1, 3, 16, 16) and len(graphs._pool) == 1
+
 
 def test_context_pool_bound_drops_least_recently_used_idle_contexts():
     made, dropped = [], []
