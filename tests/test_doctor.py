@@ -74,8 +74,12 @@ def test_folder_with_engines_on_cpu_exits_1_with_the_rebuild_command(capsys, tmp
     assert ("decoder engine decoder.plan (TensorRT 10.16.1.11, NVIDIA H100 80GB HBM3 (compute capability 9.0)): "
             "cannot run here: no CUDA GPU is present; TensorRT is not installed") in out
     assert "runs here with: OrtVae" in out  # the ONNX files still run here
+    assert "timing.cache" not in out
     assert f"rebuild the engines on the GPU machine that will run them: {rebuild_command(manifest, folder)}" in out
     assert out.rstrip().endswith("exit 1: something needed is missing (see above)")
+    (folder / "timing.cache").write_bytes(b"tactics")
+    assert main(["doctor", str(folder)]) == 1
+    assert "timing.cache: with no record of where it was made; no build possible here" in capsys.readouterr().out
 
 
 def test_engines_judged_against_a_gpu_machine(tmp_path, tiny_fp32):
@@ -89,6 +93,16 @@ def test_engines_judged_against_a_gpu_machine(tmp_path, tiny_fp32):
     assert other["engines"]["decoder"]["problems"] == [
         "built with TensorRT 10.16.1.11, this machine has TensorRT 11.4.0.106",
         "built for compute capability 9.0 (NVIDIA H100 80GB HBM3), this GPU is compute capability 8.9"]
+    assert same["timing_cache"] is None  # none in the folder
+    (folder / "timing.cache").write_bytes(b"tactics")
+    (folder / "timing.cache.json").write_text(json.dumps({"file": "timing.cache", "gpu": "NVIDIA H100 80GB HBM3",
+                                                          "compute_capability": "9.0",
+                                                          "tensorrt_version": "10.16.1.11"}))
+    assert check_folder(folder, H100)["timing_cache"]["reused_by_a_build_here"] is True
+    assert check_folder(folder, CPU)["timing_cache"]["reused_by_a_build_here"] is None
+    moved = check_folder(folder, {**H100, "tensorrt": {**H100["tensorrt"], "version": "11.4.0.106"}})["timing_cache"]
+    assert moved["reused_by_a_build_here"] is False and moved["problems"] == [
+        "with TensorRT 10.16.1.11 (this machine: 11.4.0.106)"]
     (folder / "decoder.plan").write_bytes(b"changed after export")
     changed = check_folder(folder, H100)
     assert not changed["ok"] and "does not match the manifest" in changed["engines"]["decoder"]["problems"][0]

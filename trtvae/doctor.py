@@ -151,10 +151,27 @@ def check_folder(directory, env: dict) -> dict:
         result["runs_with"] = "TRTVae (or OrtVae)" if onnx_ok and ort_ok else "TRTVae"
     elif onnx_ok and ort_ok:
         result["runs_with"] = "OrtVae"
+    result["timing_cache"] = _timing_cache_status(directory, env)
     if not engines_ok or (not built and env["builds_here"]["tensorrt_engines"]):
         result["rebuild_command"] = rebuild_command(manifest, directory)
     result["ok"] = onnx_ok and ort_ok and engines_ok
     return result
+
+
+def _timing_cache_status(directory: Path, env: dict) -> dict | None:
+    """Whether a build here would reuse the folder's timing cache or move it aside. Never affects the exit code."""
+    from .export.engine import TIMING_CACHE, read_timing_cache_record, timing_cache_mismatches
+
+    if not (directory / TIMING_CACHE).is_file():
+        return None
+    record = read_timing_cache_record(directory)
+    status = {"record": record, "reused_by_a_build_here": None, "problems": []}
+    gpu, trt_version = env.get("gpu"), env["tensorrt"].get("version")
+    if gpu is not None and trt_version is not None:
+        here = {"gpu": gpu["name"], "compute_capability": gpu["compute_capability"], "tensorrt_version": trt_version}
+        status["problems"] = timing_cache_mismatches(record, here)
+        status["reused_by_a_build_here"] = not status["problems"]
+    return status
 
 
 def diagnose(directory=None) -> dict:
@@ -207,6 +224,14 @@ def render(report: dict) -> str:
                 lines.append(head + ("can run here" if info["runs_here"] else
                                      "cannot run here: " + "; ".join(info["problems"])))
             lines.append(f"  runs here with: {folder['runs_with'] or 'nothing (see above)'}")
+            cache = folder.get("timing_cache")
+            if cache is not None:
+                record = cache["record"]
+                made = (f"made on {record.get('gpu')} (compute capability {record.get('compute_capability')}) with "
+                        f"TensorRT {record.get('tensorrt_version')}") if record else "with no record of where it was made"
+                verdict = {None: "no build possible here", True: "a build here reuses it",
+                           False: "a build here moves it aside: made " + "; ".join(cache["problems"])}
+                lines.append(f"  timing.cache: {made}; {verdict[cache['reused_by_a_build_here']]}")
         if folder["rebuild_command"]:
             verb = "rebuild the engines on the GPU machine that will run them" if gpu is None or not \
                 env["builds_here"]["tensorrt_engines"] else "build or rebuild the engines here"
