@@ -227,8 +227,10 @@ def render(report: dict) -> str:
             cache = folder.get("timing_cache")
             if cache is not None:
                 record = cache["record"]
-                made = (f"made on {record.get('gpu')} (compute capability {record.get('compute_capability')}) with "
-                        f"TensorRT {record.get('tensorrt_version')}") if record else "with no record of where it was made"
+                made = "with no record of where it was made"
+                if record:
+                    made = (f"made on {record.get('gpu')} (compute capability {record.get('compute_capability')}) "
+                            f"with TensorRT {record.get('tensorrt_version')}")
                 verdict = {None: "no build possible here", True: "a build here reuses it",
                            False: "a build here moves it aside: made " + "; ".join(cache["problems"])}
                 lines.append(f"  timing.cache: {made}; {verdict[cache['reused_by_a_build_here']]}")
