@@ -257,3 +257,21 @@ def test_a_builder_that_cannot_be_created_skips_engines_with_a_reason(monkeypatc
     assert "returned no builder" in engines_unavailable_reason()
     _fake_tensorrt(monkeypatch, lambda logger: object())
     assert engines_unavailable_reason() is None
+
+
+def test_the_timing_cache_record_reaches_the_manifest(monkeypatch, tmp_path):
+    import trtvae.export.run as run
+    from trtvae.export.engine import TIMING_CACHE, finish_timing_cache
+    from trtvae.export.options import ExportOptions
+
+    def fake_build(onnx_path, plan_path, spec, factor, precision, options):  # what build_engine leaves behind
+        (plan_path.parent / TIMING_CACHE).write_bytes(b"tactics")
+        finish_timing_cache(plan_path.parent, HERE)
+        return {"file": plan_path.name}
+
+    monkeypatch.setattr(run, "engines_unavailable_reason", lambda: None)
+    monkeypatch.setattr(run, "build_engine", fake_build)
+    manifest = {"spatial_factor": 8, "components": {"decoder": {"onnx": "decoder.onnx"}}}
+    run._build_engines(tmp_path, manifest, SPECS, ExportOptions(components=("decoder",)))
+    assert manifest["timing_cache"] == {"file": TIMING_CACHE, **HERE}
+    assert manifest["components"]["decoder"]["engine"] == {"file": "decoder.plan"}
