@@ -1,6 +1,6 @@
 """`vae-export`: export a diffusers AutoencoderKL to ONNX (and TensorRT where it can), verified.
 
-Every command's parser lives here: `vae-export` (export), `audit`, `triton` and `serve`.
+Every command's parser lives here: `vae-export` (export), `audit`, `triton`, `serve` and `doctor`.
 The export's flags are built from `ExportOptions`' fields, so the CLI and the API cannot drift.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from . import defaults
 from .errors import TrtvaeError
 
-COMMANDS = ("audit", "triton", "serve")
+COMMANDS = ("audit", "triton", "serve", "doctor")
 # What `vae-export audit` shares with the export, flag for flag.
 _AUDIT_SHARED = ("model", "family", "components", "subfolder", "allow_pickle", "images")
 
@@ -53,8 +53,8 @@ def export_parser() -> argparse.ArgumentParser:
         "to ONNX with dynamic batch/height/width, verify them against PyTorch fp32, build TensorRT engines where "
         "TensorRT and a GPU are present, and write manifest.json.",
         epilog="other commands: `vae-export audit --model M` (fp16 overflow audit), "
-        "`vae-export triton DIR --repo PATH` (Triton model repository), `vae-export serve DIR` (a Triton server). "
-        "Usage errors exit 2, "
+        "`vae-export triton DIR --repo PATH` (Triton model repository), `vae-export serve DIR` (a Triton server), "
+        "`vae-export doctor [DIR]` (what this machine has, and whether DIR runs on it). Usage errors exit 2, "
         "other errors print one `error:` line and exit 1.",
     )
     _add_options(p, ExportOptions)
@@ -131,12 +131,28 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+def doctor_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vae-export doctor",
+        description="Print what this machine has (torch and its CUDA, GPU, compute capability, driver, TensorRT, "
+        "Polygraphy, ONNX Runtime and its providers) and what vae-export would build here; given an export folder, "
+        "whether each file checks out and each engine can run here, with the command that rebuilds them. "
+        "Builds and runs nothing.",
+        epilog="exit 0 when everything the folder needs is present here (a folder without engines that OrtVae can "
+        "run counts), 1 otherwise (e.g. engines built for another GPU or TensorRT version, or no GPU for them).",
+    )
+    p.add_argument("export_dir", type=Path, nargs="?", default=None,
+                   help="folder written by vae-export (holding manifest.json); omit to check the machine only")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (for bug reports and scripts)")
+    return p
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     command = argv[0] if argv[:1] and argv[0] in COMMANDS else "export"
     try:
-        run = {"export": _export, "audit": _audit, "triton": _triton, "serve": _serve}[command]
+        run = {"export": _export, "audit": _audit, "triton": _triton, "serve": _serve, "doctor": _doctor}[command]
         code = run(argv if command == "export" else argv[1:])
     except TrtvaeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -198,6 +214,13 @@ def _serve(argv) -> int:
                  metrics_port=args.metrics_port, backend=args.backend, max_batch=args.max_batch,
                  instances=args.instances, prefix=args.prefix, dynamic_batching=args.dynamic_batching,
                  out=partial(print, flush=True))
+
+
+def _doctor(argv) -> int:
+    args = doctor_parser().parse_args(argv)
+    from .doctor import doctor_command
+
+    return doctor_command(args.export_dir, as_json=args.json)
 
 
 if __name__ == "__main__":

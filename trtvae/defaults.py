@@ -44,3 +44,7 @@ CALIBRATION_LATENT_SIZES = ((8, 8), (12, 16))
 # model stays in seconds per image, and at most this many of them.
 CALIBRATION_IMAGE_SIDE = 256
 CALIBRATION_IMAGES = 8
+
+# CUDA graphs: all graph slots of one TRTVae together pin at most this fraction of the device memory free
+# when it is made (below TensorRT 10.10 each slot holds its profile's largest activation memory).
+GRAPH_MEMORY_FRACTION = 0.5

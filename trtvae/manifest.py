@@ -6,7 +6,7 @@ loader needs to know about them lives here, next to them.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from .errors import TrtvaeError
 from .files import atomic_path, sha256_file
@@ -62,7 +62,7 @@ def component_file(directory, manifest: dict, component: str, key: str = "onnx",
             f"manifest has no {key!r} file for component {component!r}; it lists: {sorted(manifest['components'])}"
         )
     info = entry[key] if isinstance(entry[key], dict) else {"file": entry[key], "sha256": entry.get("sha256")}
-    path = Path(directory) / info["file"]
+    path = _inside(Path(directory), info.get("file"), f"component {component!r} {key!r}")
     if not path.is_file():
         raise ManifestError(f"{path} is listed in the manifest but missing")
     if check_hash and info.get("sha256"):
@@ -72,6 +72,27 @@ def component_file(directory, manifest: dict, component: str, key: str = "onnx",
                 f"{path}: sha256 {actual[:16]}… does not match the manifest's {info['sha256'][:16]}…; "
                 f"the file was changed or replaced after export. Re-export to rebuild it."
             )
+    return path
+
+
+def _inside(directory: Path, name, what: str) -> Path:
+    """`directory / name`, refused unless it stays in the folder, symlinks resolved.
+
+    A manifest is data, possibly from elsewhere; the sha256 check alone would still load a matching
+    file from anywhere on disk (a plan is executable code).
+    """
+    expected = "a file name relative to the export folder, e.g. 'decoder.onnx'"
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"manifest {what}: file is {name!r}, expected {expected}")
+    relative = Path(name)
+    if relative.is_absolute() or PureWindowsPath(name).is_absolute() or ".." in PureWindowsPath(name).parts:
+        raise ManifestError(f"manifest {what}: file {name!r} points outside {directory}; expected {expected}")
+    path = directory / relative
+    root = directory.resolve()
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ManifestError(f"manifest {what}: {path} is a link to {resolved}, outside {root}; expected {expected} "
+                            f"(copy the file into the folder instead of linking to it)")
     return path
 
 

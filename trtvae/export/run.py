@@ -15,7 +15,7 @@ from .. import __version__
 from ..components import component_specs, spatial_factor
 from ..manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, has_engines, write_manifest
 from ..precision import DTYPE_NAME
-from .engine import EngineOptions, build_engine, engines_unavailable_reason
+from .engine import EngineOptions, build_engine, engines_unavailable_reason, read_timing_cache_record
 from .loading import load_vae, peek_config
 from .onnx_export import export_onnx, onnx_entry
 from .options import ExportOptions
@@ -101,6 +101,9 @@ def _build_engines(out: Path, manifest: dict, specs: dict, opts: ExportOptions) 
                                  opts.precision, options)
             info["path"] = plan
         manifest["components"][name]["engine"] = entry
+    record = read_timing_cache_record(out)
+    if record:  # where the timing cache was made: a build elsewhere moves it aside instead of re-timing forever
+        manifest["timing_cache"] = record
 
 
 def _manifest_head(vae, source: dict, opts: ExportOptions) -> dict:
