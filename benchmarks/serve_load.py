@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,19 +25,9 @@ import numpy as np
 
 
 def _peak_rss_mb(marker: str) -> float:
-    total = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if marker not in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                continue
-            status = (proc / "status").read_text()
-        except OSError:
-            continue
-        m = re.search(r"VmHWM:\s+(\d+) kB", status)
-        total += int(m.group(1)) if m else 0
-    return total / 1024
+    from trtvae.serving.server import processes_with
+
+    return sum(int(status.get("VmHWM", "0 kB").split()[0]) for _, status in processes_with(marker)) / 1024
 
 
 def _percentile(values, q):

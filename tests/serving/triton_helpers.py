@@ -1,26 +1,14 @@
 """Shared by the serving tests: processes of a server, and requests through tritonclient."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
 
 def processes_mentioning(text: str) -> list:
-    """PIDs whose command line contains `text` (the server and its Python stubs name their repository)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = next((ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("State:")), "")
-        except OSError:
-            continue
-        if text in cmdline and "zombie" not in state:
-            found.append(int(proc.name))
-    return found
+    """PIDs of live processes whose command line contains `text` (the server and its stubs name their repository)."""
+    from trtvae.serving.server import processes_with
+
+    return [pid for pid, status in processes_with(text) if status.get("State", "")[:1] != "Z"]
 
 
 def infer(client_module, url: str, model: str, name: str, array: np.ndarray, output: str, timeout: float = 60.0):

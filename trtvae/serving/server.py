@@ -166,19 +166,7 @@ class TritonServer:
 
     def workers(self, model: str) -> int:
         """Live Python-backend stubs of `model` (their command line names its folder in the repository)."""
-        marker = f"{self.repository}/{model}/"
-        count = 0
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                if marker not in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    continue
-                status = (proc / "status").read_text()
-            except OSError:
-                continue
-            count += "zombie" not in status.split("State:", 1)[-1].split("\n", 1)[0]
-        return count
+        return sum(1 for _, status in processes_with(f"{self.repository}/{model}/") if status.get("State", "")[:1] != "Z")
 
     def reload(self, model: str) -> bool:
         request = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/load", data=b"{}",
@@ -213,6 +201,26 @@ class TritonServer:
                         leftover.unlink()
             shutil.rmtree(self.workspace, ignore_errors=True)
             self.workspace = None
+
+
+def processes_with(marker: str) -> list:
+    """[(pid, /proc status fields)] of the processes whose command line contains `marker`.
+
+    The server and each Python stub name the model repository on their command line, so this finds
+    a server's whole family without psutil.
+    """
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker not in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                continue
+            status = dict(ln.split(":", 1) for ln in (proc / "status").read_text().splitlines() if ":" in ln)
+        except OSError:
+            continue
+        found.append((int(proc.name), {k: v.strip() for k, v in status.items()}))
+    return found
 
 
 def describe_models(repository: Path) -> list:
