@@ -112,7 +112,7 @@ def check_folder(directory, env: dict) -> dict:
                     "runs_with": None, "rebuild_command": None}
     try:
         manifest = read_manifest(directory)
-    except ManifestError as e:
+    except (ManifestError, OSError) as e:
         result["error"] = str(e)
         return result
     result["precision"] = manifest.get("precision")
@@ -121,7 +121,7 @@ def check_folder(directory, env: dict) -> dict:
         try:
             component_file(directory, manifest, name)
             result["components"][name] = {"onnx": "ok"}
-        except ManifestError as e:
+        except (ManifestError, OSError) as e:  # OSError: unreadable (permissions), a path through a file
             result["components"][name] = {"onnx": str(e)}
             onnx_ok = False
 
@@ -132,7 +132,7 @@ def check_folder(directory, env: dict) -> dict:
         problems = []
         try:
             component_file(directory, manifest, name, key="engine")  # present, inside, sha256
-        except ManifestError as e:
+        except (ManifestError, OSError) as e:
             problems.append(str(e))
         if gpu is None:
             problems.append("no CUDA GPU is present")

@@ -5,6 +5,7 @@ loader needs to know about them lives here, next to them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path, PureWindowsPath
 
@@ -54,8 +55,7 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
-def component_file(directory, manifest: dict, component: str, key: str = "onnx", check_hash: bool = True) -> Path:
-    """Path of a component's file, after checking it exists and matches the manifest's sha256."""
+def _component_path(directory, manifest: dict, component: str, key: str) -> tuple[Path, dict]:
     entry = manifest["components"].get(component)
     if entry is None or key not in entry:
         raise ManifestError(
@@ -65,14 +65,35 @@ def component_file(directory, manifest: dict, component: str, key: str = "onnx",
     path = _inside(Path(directory), info.get("file"), f"component {component!r} {key!r}")
     if not path.is_file():
         raise ManifestError(f"{path} is listed in the manifest but missing")
+    return path, info
+
+
+def _check_digest(path: Path, actual: str, info: dict) -> None:
+    if info.get("sha256") and actual != info["sha256"]:
+        raise ManifestError(
+            f"{path}: sha256 {actual[:16]}… does not match the manifest's {info['sha256'][:16]}…; "
+            f"the file was changed or replaced after export. Re-export to rebuild it."
+        )
+
+
+def component_file(directory, manifest: dict, component: str, key: str = "onnx", check_hash: bool = True) -> Path:
+    """Path of a component's file, after checking it exists and matches the manifest's sha256."""
+    path, info = _component_path(directory, manifest, component, key)
     if check_hash and info.get("sha256"):
-        actual = sha256_file(path)
-        if actual != info["sha256"]:
-            raise ManifestError(
-                f"{path}: sha256 {actual[:16]}… does not match the manifest's {info['sha256'][:16]}…; "
-                f"the file was changed or replaced after export. Re-export to rebuild it."
-            )
+        _check_digest(path, sha256_file(path), info)
     return path
+
+
+def component_bytes(directory, manifest: dict, component: str, key: str = "onnx") -> bytes:
+    """A component's file, read once and checked against the manifest's sha256 in memory.
+
+    What is loaded is exactly what was hashed: a file swapped between a check and a second read
+    (a plan is executable code) is never loaded.
+    """
+    path, info = _component_path(directory, manifest, component, key)
+    data = path.read_bytes()
+    _check_digest(path, hashlib.sha256(data).hexdigest(), info)
+    return data
 
 
 def _inside(directory: Path, name, what: str) -> Path:

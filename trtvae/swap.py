@@ -65,12 +65,26 @@ def attach(pipe, directory, backend: str = "auto", verbose: bool = True, trt_opt
     if verbose:
         print(message)
     _check_against_previous(getattr(pipe, "vae", None), vae)
+    assumed = assumed_family_note(vae.manifest)
+    if assumed:
+        warnings.warn(assumed, stacklevel=2)
     pipe.vae = vae
     _sync_scale_factor(pipe, vae.spatial_factor)
     if getattr(pipe, "_all_hooks", None):
         warnings.warn("the pipeline has model CPU offload enabled; the VAE runtime is not a torch Module and is "
                       f"not offloaded: it stays on {vae.device}", stacklevel=2)
     return vae
+
+
+def assumed_family_note(manifest: dict) -> str | None:
+    """A warning when the export's family (so its latent scale) was assumed from a file, not given."""
+    source = manifest.get("source", {})
+    if not source.get("family_assumed"):
+        return None
+    scale = manifest.get("vae_config", {}).get("scaling_factor")
+    return (f"this export's family {source.get('family')!r} (scaling_factor {scale}) was assumed, not given: "
+            "its weights file cannot tell SD1.x/2.x from SDXL. If it is an SD1.x/2.x VAE, re-export with "
+            "--family sd15, or latents will be scaled wrongly")
 
 
 def _first_line(e: Exception) -> str:

@@ -95,7 +95,15 @@ def test_a_4_channel_file_without_family_is_sdxl_and_says_so(tmp_path, capsys):
     assert loaded.family == "sdxl" and loaded.vae.config.scaling_factor == 0.13025
     assert "taking --family sdxl" in out and "--family sd15 or sdxl" in out
     assert "norm_num_groups=32" in out  # the architecture differs from the published one: said, not hidden
-    assert load_vae(str(path), family="sd15").vae.config.scaling_factor == 0.18215
+    given = load_vae(str(path), family="sd15")
+    assert given.vae.config.scaling_factor == 0.18215
+    # The assumption travels with the export: attach() and serve warn with it.
+    from trtvae.swap import assumed_family_note
+
+    assert loaded.source["family_assumed"] is True and given.source["family_assumed"] is False
+    note = assumed_family_note({"source": loaded.source, "vae_config": {"scaling_factor": 0.13025}})
+    assert "'sdxl' (scaling_factor 0.13025) was assumed" in note and "--family sd15" in note
+    assert assumed_family_note({"source": given.source}) is None
 
 
 def test_a_16_channel_file_without_family_lists_the_choices(tmp_path):
@@ -173,3 +181,33 @@ def test_rebuild_command_keeps_the_family_of_a_file():
     assert "--family sd15" in rebuild_command(manifest, "out")
     folder = {"family": "flux", "source": {"kind": "folder", "model": "/m/flux"}, "export_options": {"family": None}}
     assert "--family" not in rebuild_command(folder, "out")  # its own config says it
+
+
+def test_tensors_training_leaves_behind_are_ignored_with_a_note(tmp_path, capsys):
+    """A1111 checkpoints carry loss.* and model_ema.*; diffusers' converter and A1111 skip them, so do we."""
+    vae = family_vae("sd15", **FILE_ARCH)
+    extra = {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1),
+             "loss.logvar": torch.zeros(())}
+    path = _write(tmp_path, "a1111.safetensors", {**ldm_state(vae), **extra})
+    loaded = load_vae(str(path), family="sd15")
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in loaded.vae.state_dict().items())
+    assert "ignoring 3 tensors that training leaves behind (loss.*, model_ema.*)" in capsys.readouterr().out
+
+
+def test_legacy_diffusers_attention_names_load(tmp_path):
+    """diffusers files from before 0.14 (query/key/value/proj_attn) load as from_pretrained converts them."""
+    vae = family_vae("sd15", **FILE_ARCH)
+    legacy = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+              .replace(".to_out.0.", ".proj_attn."): v for k, v in vae.state_dict().items()}
+    assert any(".query." in k for k in legacy)
+    loaded = load_vae(str(_write(tmp_path, "old.safetensors", legacy)), family="sd15")
+    assert loaded.vae.config.mid_block_add_attention
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in loaded.vae.state_dict().items())
+
+
+def test_a_conv_stored_flat_is_named_not_loaded(tmp_path):
+    state = ldm_state(family_vae("sd15", **FILE_ARCH))
+    key = "encoder.down.0.block.0.conv1.weight"
+    state[key] = state[key][:, :, 0, 0].contiguous()
+    with pytest.raises(ModelLoadError, match=rf"tensor {key} has shape \[\d+, \d+\], expected \[\d+, \d+, 3, 3\]"):
+        load_vae(str(_write(tmp_path, "flat.safetensors", state)), family="sd15")

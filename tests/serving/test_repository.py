@@ -111,3 +111,16 @@ def test_python_repository_loads_in_the_bundled_tritonserver(tmp_path, tiny_fp16
     finally:
         server.stop()
     assert processes_mentioning(str(repo)) == []
+
+
+def test_python_backend_refuses_bf16_and_quotes_paths(tmp_path, tiny_fp16):
+    folder = tmp_path / 'odd "dir"'
+    shutil.copytree(tiny_fp16, folder)
+    write_triton_repo(folder, tmp_path / "repo", backend="python", export_in_place=True)
+    config = (tmp_path / "repo" / "vae_decoder" / "config.pbtxt").read_text()
+    assert 'string_value: "' + str(folder.resolve()).replace('"', '\\"') + '"' in config
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(io_dtype="bfloat16", precision="bf16")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(OptionError, match="--backend python serves fp32 and fp16 exports; this one is bf16"):
+        write_triton_repo(folder, tmp_path / "repo2", backend="python")

@@ -134,14 +134,33 @@ def key_format(state: dict) -> str:
                          "LDM/ComfyUI/BFL (encoder.down.*) key names, optionally under first_stage_model. or vae.")
 
 
-_NAMES = {  # per key format: the encoder's blocks, a level's width, the mid-block attention
+_NAMES = {  # per key format: the encoder's blocks, a level's width, the mid-block attention's prefix
     "diffusers": dict(level=r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.",
                       width="encoder.down_blocks.{i}.resnets.0.conv1.weight",
-                      attention="encoder.mid_block.attentions.0.to_q.weight"),
+                      attention="encoder.mid_block.attentions.0."),
     "ldm": dict(level=r"encoder\.down\.(\d+)\.block\.(\d+)\.",
                 width="encoder.down.{i}.block.0.conv1.weight",
-                attention="encoder.mid.attn_1.q.weight"),
+                attention="encoder.mid.attn_1."),
 }
+# Tensors training leaves in VAE files (A1111's loader drops the same): not part of the model.
+TRAINING_ONLY = ("loss.", "model_ema.")
+# diffusers' attention names before 0.14 (e.g. stabilityai/sd-vae-ft-mse), as from_pretrained converts them.
+_LEGACY_ATTENTION = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+def drop_training_tensors(state: dict) -> tuple[dict, list]:
+    """The state without tensors training leaves behind (loss.*, model_ema.*), and the names dropped."""
+    dropped = [k for k in state if k.startswith(TRAINING_ONLY)]
+    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}, dropped
+
+
+def modernize_attention(state: dict) -> dict:
+    """diffusers-named tensors with legacy attention names (query/key/value/proj_attn) under today's names."""
+    def rename(key):
+        m = re.match(r"((?:en|de)coder\.mid_block\.attentions\.0\.)(query\.|key\.|value\.|proj_attn\.)(.*)", key)
+        return m.group(1) + _LEGACY_ATTENTION[m.group(2)] + m.group(3) if m else key
+
+    return {rename(k): v for k, v in state.items()}
 
 
 def _shape(state: dict, key: str, prefix: str) -> tuple:
@@ -174,7 +193,7 @@ def read_architecture(state: dict, prefix: str = "") -> dict:
         "up_block_types": ["UpDecoderBlock2D"] * len(widths),
         "use_quant_conv": "quant_conv.weight" in state,
         "use_post_quant_conv": "post_quant_conv.weight" in state,
-        "mid_block_add_attention": names["attention"] in state,
+        "mid_block_add_attention": any(k.startswith(names["attention"]) for k in state),
     }
 
 
@@ -228,7 +247,8 @@ def check_tensors(state: dict, config: dict, fmt: str, prefix: str) -> None:
                                  f"part of the architecture read from the file ({what})")
         want = expected[key]
         # Some converters store original attention projections as Linear (C, C); diffusers' converter takes both.
-        if shape != want and not (fmt == "ldm" and shape == want[:2]):
+        linear_attention = fmt == "ldm" and ".mid.attn_1." in key and shape == want[:2]
+        if shape != want and not linear_attention:
             raise ModelLoadError(f"tensor {prefix}{key} has shape {list(shape)}, expected {list(want)} "
                                  f"for the architecture read from the file ({what})")
     missing = [k for k in expected if k not in state]

@@ -154,7 +154,13 @@ def _load_folder(folder: Path, allow_pickle: bool, name: str | None = None, kind
 def _load_single_file(path: Path, allow_pickle: bool, family: str | None) -> LoadedVae:
     state = _read_state(path, allow_pickle)
     vae_state, prefix = families.strip_prefix(state)
+    vae_state, dropped = families.drop_training_tensors(vae_state)
+    if dropped:
+        console.print(f"[yellow]![/] {escape(path.name)}: ignoring {len(dropped)} tensors that training leaves "
+                      f"behind ({', '.join(sorted({k.split('.')[0] + '.*' for k in dropped}))})")
     fmt = families.key_format(vae_state)
+    if fmt == "diffusers":
+        vae_state = families.modernize_attention(vae_state)
     architecture = families.read_architecture(vae_state, prefix)
     family, note = families.choose_family(architecture, family, path.name)
     if note:
@@ -175,12 +181,14 @@ def _load_single_file(path: Path, allow_pickle: bool, family: str | None) -> Loa
     try:
         vae.load_state_dict({k: v.float() for k, v in vae_state.items()}, strict=True)
     except RuntimeError as e:  # check_tensors passed, so this is a conversion gap, not the user's file
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).strip())
         raise ModelLoadError(f"{path.name}: its tensors fit the {family} architecture but could not be loaded: "
-                             f"{str(e).splitlines()[0]}") from e
+                             f"{detail[:300]}") from e
     return LoadedVae(
         vae.eval().requires_grad_(False),
         path.stem,
-        {"kind": "file", "model": str(path.resolve()), "family": family, "key_names": fmt,
+        {"kind": "file", "model": str(path.resolve()), "family": family, "family_assumed": note is not None,
+         "key_names": fmt,
          **_declared(config), "weights_sha256": sha256_file(path)},
     )
 

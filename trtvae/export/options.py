@@ -149,7 +149,7 @@ class ExportOptions:
     def as_manifest(self) -> dict:
         """What was asked for, so the engines can be rebuilt elsewhere with the same choices."""
         return {"model": self.model, "subfolder": self.subfolder, "family": self.family,
-                "images": None if self.images is None else str(self.images), "precision": self.precision,
+                "images": None if self.images is None else str(Path(self.images).resolve()), "precision": self.precision,
                 "components": list(self.components), "rescale": self.rescale, "fp32_norm": self.fp32_norm,
                 "allow_pickle": self.allow_pickle, "profiles": self.profile_texts(),
                 "builder_optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib}

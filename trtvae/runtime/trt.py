@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import defaults
-from ..manifest import component_file, engine_profiles, engines
+from ..manifest import component_bytes, component_file, engine_profiles, engines
 from ..profiles import batch_ranges, describe_ranges, select_profile, spatial_limits
 from .base import VaeRuntime
 from .buffers import aligned, aligned_empty, graph_buffers
@@ -104,7 +104,8 @@ class TRTVae(VaeRuntime):
         device: the CUDA device to run on ("cuda" means the current one).
         cuda_graphs: capture and replay one CUDA graph per repeated input shape.
         graph_memory_bytes: device memory all graph slots may pin together; default
-            `defaults.GRAPH_MEMORY_FRACTION` of the memory free when the TRTVae is made.
+            `defaults.GRAPH_MEMORY_FRACTION` of the memory free when the TRTVae is made. The budget is
+            per instance: with several TRTVae on one GPU (Triton's --instances), pass a share to each.
 
     Attributes:
         profiles: {component: [{"min", "opt", "max"} input shapes]} of each engine, as the manifest says.
@@ -197,10 +198,12 @@ class TRTVae(VaeRuntime):
         with self._engine_lock, torch.cuda.device(self._device):
             engine = self._engines.get(component)
             if engine is None:
-                path = component_file(self.directory, self.manifest, component, key="engine")  # sha256 checked
+                path = component_file(self.directory, self.manifest, component, key="engine", check_hash=False)
+                plan = component_bytes(self.directory, self.manifest, component, key="engine")  # the bytes hashed
                 runtime = trt.Runtime(self._trt_logger)
                 runtime.engine_host_code_allowed = False  # a plan is code: never run host code from one
-                engine = runtime.deserialize_cuda_engine(path.read_bytes())
+                engine = runtime.deserialize_cuda_engine(plan)
+                del plan
                 if engine is None:
                     raise EngineMismatchError(
                         f"TensorRT could not deserialize {path} (see its log above). "

@@ -64,8 +64,13 @@ def config_pbtxt(name: str, max_batch: int, io: dict, platform: str | None = Non
     if instances:
         lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
     for key, value in (parameters or {}).items():
-        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{_quote(value)}" }} }}')
     return "\n".join(lines) + "\n"
+
+
+def _quote(text) -> str:
+    """A protobuf text-format string body: a path with a quote or backslash stays one value."""
+    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str = defaults.TRITON_PREFIX,
@@ -93,6 +98,10 @@ def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str =
     if not str(prefix).replace("_", "").replace("-", "").isalnum():
         raise OptionError(f"--prefix {prefix!r}: expected letters, digits, '_' or '-' (it names Triton models)")
     manifest = read_manifest(export_dir)
+    if backend == "python" and manifest["io_dtype"] not in ("float32", "float16"):
+        raise OptionError(f"--backend python serves fp32 and fp16 exports; this one is {manifest['precision']} "
+                          "(Triton's Python backend hands tensors over as numpy, which has no bfloat16): "
+                          "use --backend tensorrt, or export with --precision fp16")
     if backend == "python":
         return [_write_python_model(export_dir, manifest, repo, d, max_batch, instances, runtime, prefix,
                                     dynamic_batching, export_in_place) for d in model_decls(manifest, prefix)]
@@ -164,12 +173,14 @@ def _copy_export(export_dir, manifest: dict, component: str, dest: Path) -> None
     files = []
     for key in keys:
         source = component_file(export_dir, manifest, component, key=key)  # checked against its sha256
-        target = dest / source.name
+        relative = source.relative_to(export_dir)  # as the manifest names it, so the copy resolves the same
+        target = dest / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(source, target)
         except OSError:  # another file system, or links not allowed: copy
             shutil.copyfile(source, target)
-        files.append(source.name)
+        files.append(str(relative))
     narrowed = {**manifest, "components": {component: entry}, "files": sorted(files)}
     write_manifest(dest, narrowed)
 

@@ -241,7 +241,7 @@ def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
           dynamic_batching: bool = True, stop_event: threading.Event | None = None, out=print) -> int:
     """Serve the export in `directory` until SIGINT/SIGTERM (or `stop_event`); return the exit code."""
     from ..manifest import read_manifest
-    from ..swap import load_runtime
+    from ..swap import assumed_family_note, load_runtime
     from .repository import write_triton_repo
 
     read_manifest(directory)  # a folder without a finished export fails here, before anything starts
@@ -253,6 +253,8 @@ def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
     except (ImportError, RuntimeError, OSError, ValueError) as e:  # --backend tensorrt where it cannot run
         raise ServeError(f"--backend {backend}: {str(e).strip().splitlines()[0]}") from None
     out(f"runtime: {type(runtime).__name__} ({reason})")
+    if note := assumed_family_note(runtime.manifest):
+        out(f"! {note} (vae_decode_image unscales with it)")
     resolved = runtime.backend
     del runtime
     stop_event = stop_event or threading.Event()
