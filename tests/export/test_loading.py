@@ -42,8 +42,8 @@ def test_single_safetensors_file_in_diffusers_keys(tmp_path):
     save_file({k: v.half().contiguous() for k, v in demo.state_dict().items()}, str(path))
     loaded = load_vae(str(path))
     assert loaded.name == "my-sdxl-vae"
-    assert loaded.source == {"kind": "file", "model": str(path.resolve()), "family": "sdxl", "key_names": "diffusers",
-                             "force_upcast": False, "weights_sha256": sha256_file(path)}
+    assert loaded.source == {"kind": "file", "model": str(path.resolve()), "family": "sdxl", "family_assumed": True,
+                             "key_names": "diffusers", "force_upcast": False, "weights_sha256": sha256_file(path)}
     w = "decoder.conv_out.weight"
     assert torch.equal(loaded.vae.state_dict()[w], demo.state_dict()[w].half().float())
 
