@@ -227,6 +227,27 @@ def test_sigint_stops_the_server_and_leaves_no_process(server):
     assert not os.path.exists(server["repo"])  # the temporary repository is removed too
 
 
+def test_sigterm_stops_a_server_too(tiny_fp32):
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "trtvae.cli", "serve", str(tiny_fp32), "--http-port", str(ports[0]),
+                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--prefix", "term"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    repo = None
+    try:
+        for line in proc.stdout:
+            if m := re.search(r"on (\S+/models)$", line.strip()):
+                repo = m.group(1)
+            if line.startswith("Ctrl-C"):
+                break
+        assert repo and processes_mentioning(repo)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert processes_mentioning(repo) == []
+
+
 # --- refused before anything starts ---------------------------------------------------------------
 def test_port_in_use_is_one_error_line(tiny_fp16, capsys):
     import socket
