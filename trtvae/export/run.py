@@ -136,5 +136,6 @@ def _manifest_head(vae, source: dict, opts: ExportOptions) -> dict:
 def _next_steps(out: Path, manifest: dict) -> None:
     console.print("Next:")
     console.print(f"  python -c \"from trtvae import OrtVae; vae = OrtVae.from_pretrained('{out}')\"")
+    console.print(f"  vae-export serve {out}        # a Triton server on 127.0.0.1:8000 (needs the triton extra)")
     console.print(f"  vae-export triton {out} --repo models --backend {'tensorrt' if has_engines(manifest) else 'onnx'}")
     console.print(f"  C++: read {out / MANIFEST_NAME} for file names, I/O names, dtypes, shapes and profiles")
