@@ -24,9 +24,9 @@ import numpy as np
 
 
 def _model_config(width_divisor: int) -> dict:
-    from trtvae.export.loading import sdxl_vae_config
+    from trtvae.export.families import family_config
 
-    config = sdxl_vae_config()
+    config = family_config("sdxl")
     if width_divisor > 1:
         channels = [c // width_divisor for c in config["block_out_channels"]]
         config.update(block_out_channels=channels, norm_num_groups=min(32, channels[0] // 2))

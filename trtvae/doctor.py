@@ -23,13 +23,12 @@ import subprocess
 from pathlib import Path
 
 from . import __version__
-from .errors import TrtvaeError
+from .errors import TrtvaeError, first_line
 from .manifest import ManifestError, component_file, engines, read_manifest
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e, 160)}" if str(e).strip() else type(e).__name__
 
 
 def driver_version() -> str | None:

@@ -19,3 +19,9 @@ class ExportError(TrtvaeError, RuntimeError):
 
 class VerificationError(TrtvaeError, RuntimeError):
     """An exported component missed its accuracy threshold."""
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__

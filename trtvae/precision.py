@@ -8,6 +8,24 @@ from __future__ import annotations
 PRECISIONS = ("fp32", "fp16", "bf16")
 # The manifest's `io_dtype` names, per precision.
 DTYPE_NAME = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Every backend's name for each tensor dtype, keyed by the manifest's (numpy's) name: the one dtype table.
+# onnx: TensorProto enum values; tensorrt: trt.DataType member names; triton: model-config TYPE_ names.
+DTYPES = {
+    "float32": {"onnx": 1, "tensorrt": "FLOAT", "triton": "TYPE_FP32"},
+    "float16": {"onnx": 10, "tensorrt": "HALF", "triton": "TYPE_FP16"},
+    "bfloat16": {"onnx": 16, "tensorrt": "BF16", "triton": "TYPE_BF16"},
+    "uint8": {"onnx": 2, "tensorrt": "UINT8", "triton": "TYPE_UINT8"},
+}
+
+
+def dtype_name(backend: str, value) -> str:
+    """The manifest dtype name of a backend's dtype value (an ONNX enum, a TensorRT member name...)."""
+    for name, names in DTYPES.items():
+        if names[backend] == value:
+            return name
+    raise ValueError(f"unknown {backend} dtype {value!r}: expected one of {[n[backend] for n in DTYPES.values()]}")
+
+
 # bfloat16 Conv, InstanceNormalization and Resize are only typed in ai.onnx opset 22.
 OPSET = {"fp32": 18, "fp16": 18, "bf16": 22}
 

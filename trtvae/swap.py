@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+from .errors import first_line
 from .runtime.base import VaeRuntime
 
 logger = logging.getLogger("trtvae")
@@ -35,7 +36,7 @@ def load_runtime(directory, backend: str = "auto", trt_options: dict | None = No
         except (ImportError, RuntimeError, OSError, ValueError) as e:
             if backend == "tensorrt":
                 raise
-            reason = f"TensorRT not usable ({type(e).__name__}: {_first_line(e)})"
+            reason = f"TensorRT not usable ({type(e).__name__}: {first_line(e)})"
     else:
         reason = "backend='onnxruntime' requested"
     from .runtime.ort import OrtVae
@@ -85,11 +86,6 @@ def assumed_family_note(manifest: dict) -> str | None:
     return (f"this export's family {source.get('family')!r} (scaling_factor {scale}) was assumed, not given: "
             "its weights file cannot tell SD1.x/2.x from SDXL. If it is an SD1.x/2.x VAE, re-export with "
             "--family sd15, or latents will be scaled wrongly")
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def _check_against_previous(old, new: VaeRuntime) -> None:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from trtvae.errors import ModelLoadError
-from trtvae.export.loading import load_demo, load_vae, sdxl_vae_config
+from trtvae.export.families import family_config
+from trtvae.export.loading import load_demo, load_vae
 from trtvae.files import sha256_file
 
 
@@ -79,7 +80,7 @@ def test_missing_path_is_reported():
 
 
 def test_sdxl_config_is_shipped():
-    cfg = sdxl_vae_config()
+    cfg = family_config("sdxl")
     assert cfg["force_upcast"] is False and cfg["latent_channels"] == 4
 
 

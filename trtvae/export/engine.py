@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from .. import defaults
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from ..files import atomic_path
 from ..profiles import component_shapes
 from .progress import console
@@ -54,7 +54,7 @@ def engines_unavailable_reason() -> str | None:
     try:
         import tensorrt  # the libraries may be missing behind the bindings
     except Exception as e:  # an ImportError or OSError from the native libraries
-        return f"TensorRT does not import: {_first_line(e)}"
+        return f"TensorRT does not import: {first_line(e, 160)}"
     return builder_problem(tensorrt)
 
 
@@ -69,16 +69,11 @@ def builder_problem(tensorrt) -> str | None:
         builder = tensorrt.Builder(tensorrt.Logger(tensorrt.Logger.ERROR))
     except Exception as e:
         return (f"TensorRT {version} cannot create a builder on this machine ({type(e).__name__}: "
-                f"{_first_line(e)}); is the NVIDIA driver recent enough for this TensorRT build?")
+                f"{first_line(e, 160)}); is the NVIDIA driver recent enough for this TensorRT build?")
     if not builder:
         return f"TensorRT {version} returned no builder (see its log above)"
     del builder
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:160] if lines else type(e).__name__
 
 
 # --- timing cache: reused across builds on the same GPU and TensorRT only -------------------------

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 from rich.markup import escape
 
 from .. import defaults
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from ..files import sha256_file
 from . import families
 from .progress import console
@@ -38,11 +38,6 @@ class LoadedVae:
     @property
     def family(self) -> str | None:
         return self.source.get("family")
-
-
-def sdxl_vae_config() -> dict:
-    """The SDXL VAE architecture, shipped so single files and `demo` need no download."""
-    return families.family_config("sdxl")
 
 
 def load_vae(model: str = defaults.MODEL, allow_pickle: bool = False, subfolder: str | None = None,
@@ -219,7 +214,7 @@ def _load_hub(repo_id: str, allow_pickle: bool, subfolder: str | None, family: s
     try:
         local = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, not cached, not found, gated: one line, not a traceback
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else ""
         raise ModelLoadError(
             f"could not get {repo_id!r} from the Hugging Face Hub or its local cache{offline}: {reason[:200]}. "

@@ -75,7 +75,7 @@ def run_export(opts: ExportOptions) -> Path:
     if opts.precision == "fp16":
         from .fp16.decide import check_verify_against_audit
 
-        check_verify_against_audit(manifest["fp16_safety"], manifest["verify"], loaded.source.get("force_upcast"))
+        check_verify_against_audit(manifest["fp16_safety"], manifest["verify"])
 
     manifest["files"] = present_outputs(out)
     write_manifest(out, manifest)

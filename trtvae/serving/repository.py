@@ -21,7 +21,7 @@ from .. import defaults
 from ..components import component_specs
 from ..errors import OptionError
 from ..files import atomic_path
-from ..manifest import component_file, read_manifest, write_manifest
+from ..manifest import component_file, engine_profiles, read_manifest, write_manifest
 from .models import TRITON_TYPES, model_decls
 
 BACKENDS = ("tensorrt", "onnx", "python")
@@ -74,7 +74,7 @@ def _quote(text) -> str:
 
 
 def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str = defaults.TRITON_PREFIX,
-                      max_batch: int = defaults.TRITON_MAX_BATCH, instances: int = 1, runtime: str = "auto",
+                      max_batch: int = defaults.TRITON_MAX_BATCH, instances: int = defaults.TRITON_INSTANCES, runtime: str = "auto",
                       dynamic_batching: bool = True, export_in_place: bool = False) -> list:
     """Write one Triton model per served model; return the model folders written.
 
@@ -118,7 +118,7 @@ def _write_native_model(export_dir, manifest, repo, backend, component, prefix, 
             raise OptionError(f"{export_dir} has no {component} engine (built where TensorRT and a GPU are "
                               "present); use --backend onnx or python, or build the engines first")
         source = component_file(export_dir, manifest, component, key="engine")
-        profiles = [p[spec.input_name] for p in engine["profiles"]]
+        profiles = engine_profiles(engine, spec.input_name)
         batch = max(p["max"][0] for p in profiles)
         if min(p["min"][0] for p in profiles) > 1:
             raise OptionError(f"the {component} engine's profiles start at batch "

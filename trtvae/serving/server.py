@@ -29,7 +29,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import TrtvaeError
+from .. import defaults
+from ..errors import TrtvaeError, first_line
+from .models import TRITON_TYPES
 
 EXTRA_HINT = "pip install 'trtvae[triton]' (nvidia-pytriton bundles tritonserver and its Python backend)"
 
@@ -52,10 +54,10 @@ def find_triton() -> TritonInstall:
         raise ServeError(f"serving needs the triton extra: {EXTRA_HINT}")
     root = Path(spec.origin).parent / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    libs = Path(spec.origin).parent.parent / "nvidia_pytriton.libs"
     install = TritonInstall(root / "bin" / "tritonserver", root / "backends" / "python",
                             root / "python_backend_stubs" / version / "triton_python_backend_stub",
-                            next((p for p in (Path(spec.origin).parent.parent / "nvidia_pytriton.libs",) if p.is_dir()),
-                                 None))
+                            libs if libs.is_dir() else None)
     for what, path in (("tritonserver", install.binary), ("Python backend", install.python_backend),
                        (f"Python backend stub for Python {version}", install.stub)):
         if not path.exists():
@@ -100,10 +102,10 @@ class TritonServer:
     """One tritonserver process (and its Python stubs, in their own process group) on a repository."""
 
     repository: Path
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    host: str = defaults.SERVE_HOST
+    http_port: int = defaults.SERVE_HTTP_PORT
+    grpc_port: int = defaults.SERVE_GRPC_PORT
+    metrics_port: int = defaults.SERVE_METRICS_PORT
     exit_timeout_s: int = 10
     explicit_models: bool = False  # --model-control-mode=explicit, so a model can be reloaded
     install: TritonInstall = field(default_factory=find_triton)
@@ -223,35 +225,33 @@ def processes_with(marker: str) -> list:
     return found
 
 
-def describe_models(repository: Path) -> list:
-    """[(model name, one-line I/O description)] from the repository's config files."""
-    out = []
-    for config in sorted(Path(repository).glob("*/config.pbtxt")):
-        text = config.read_text()
-        names = [ln.split('"')[1] for ln in text.splitlines() if ln.strip().startswith("name:")]
-        types = [ln.split(":")[1].strip().removeprefix("TYPE_") for ln in text.splitlines() if "data_type" in ln]
-        dims = [ln.split("[")[1].split("]")[0].strip() for ln in text.splitlines() if ln.strip().startswith("dims:")]
-        if len(names) >= 3 and len(types) >= 2 and len(dims) >= 2:
-            out.append((names[0], f"{names[1]} {types[0]} [B, {dims[0]}] -> {names[2]} {types[1]} [B, {dims[1]}]"))
-    return out
+def describe(decl) -> str:
+    """One served model's I/O in one line, from its declaration."""
+    def tensor(t):
+        return f"{t.name} {TRITON_TYPES[t.dtype].removeprefix('TYPE_')} [B, {', '.join(map(str, t.dims))}]"
+
+    return f"{tensor(decl.input)} -> {tensor(decl.output)}"
 
 
-def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-          backend: str = "auto", max_batch: int = 4, instances: int = 1, prefix: str = "vae",
+def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.SERVE_HTTP_PORT,
+          grpc_port: int = defaults.SERVE_GRPC_PORT, metrics_port: int = defaults.SERVE_METRICS_PORT,
+          backend: str = "auto", max_batch: int = defaults.TRITON_MAX_BATCH, instances: int = defaults.TRITON_INSTANCES,
+          prefix: str = defaults.TRITON_PREFIX,
           dynamic_batching: bool = True, stop_event: threading.Event | None = None, out=print) -> int:
     """Serve the export in `directory` until SIGINT/SIGTERM (or `stop_event`); return the exit code."""
     from ..manifest import read_manifest
     from ..swap import assumed_family_note, load_runtime
+    from .models import model_decls
     from .repository import write_triton_repo
 
-    read_manifest(directory)  # a folder without a finished export fails here, before anything starts
+    manifest = read_manifest(directory)  # a folder without a finished export fails here, before anything starts
     install = find_triton()
     for flag, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
         check_port_free(host, port, flag)
     try:
         runtime, reason = load_runtime(directory, backend)  # cheap: sessions and engines load on first use
     except (ImportError, RuntimeError, OSError, ValueError) as e:  # --backend tensorrt where it cannot run
-        raise ServeError(f"--backend {backend}: {str(e).strip().splitlines()[0]}") from None
+        raise ServeError(f"--backend {backend}: {first_line(e)}") from None
     out(f"runtime: {type(runtime).__name__} ({reason})")
     if note := assumed_family_note(runtime.manifest):
         out(f"! {note} (vae_decode_image unscales with it)")
@@ -264,9 +264,10 @@ def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
     server = None
     try:
         repository = repo_root / "models"
-        folders = write_triton_repo(directory, repository, "python", prefix, max_batch, instances, resolved,
-                                    dynamic_batching, export_in_place=True)
-        models = [f.name for f in folders]
+        write_triton_repo(directory, repository, "python", prefix, max_batch, instances, resolved,
+                          dynamic_batching, export_in_place=True)
+        decls = model_decls(manifest, prefix)
+        models = [d.name for d in decls]
         server = TritonServer(repository, host, http_port, grpc_port, metrics_port, install=install,
                               explicit_models=True)
         start = time.perf_counter()
@@ -275,8 +276,8 @@ def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
         server.wait_ready(models)
         out(f"Triton ready in {time.perf_counter() - start:.1f} s: HTTP {server.http_url}, "
             f"gRPC {host}:{grpc_port}, metrics http://{host}:{metrics_port}/metrics")
-        for name, io in describe_models(repository):
-            out(f"  model {name}: {io}")
+        for decl in decls:
+            out(f"  model {decl.name}: {describe(decl)}")
         out("Ctrl-C (SIGINT) or SIGTERM stops the server")
         watch = _Watchdog(server, models, instances, out)
         while not stop_event.wait(0.5):
@@ -291,7 +292,6 @@ def serve(directory, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
         shutil.rmtree(repo_root, ignore_errors=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
-
 
 
 class _Watchdog:

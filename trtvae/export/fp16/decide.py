@@ -54,7 +54,7 @@ def judge_rescaled(before: AuditResult, after: AuditResult) -> float:
     return rel
 
 
-def check_verify_against_audit(record: dict, verify: dict, declares_force_upcast: bool = False) -> None:
+def check_verify_against_audit(record: dict, verify: dict) -> None:
     """A passing verify must not stand where the audit measured overflow in the graph that was exported.
 
     ONNX Runtime's CPU kernels run parts of an fp16 graph in fp32 (a residual Add feeding an
@@ -64,7 +64,7 @@ def check_verify_against_audit(record: dict, verify: dict, declares_force_upcast
     audit = record.get("audit_after_rescale") or record["audit"]
     if verify.get("status") != "passed" or audit["max_abs"] <= FP16_MAX:
         return
-    declared = "; the source declares force_upcast: true" if declares_force_upcast else ""
+    declared = "; the source declares force_upcast: true" if record["audit"].get("declares_force_upcast") else ""
     raise VerificationError(
         f"verify passed, but the audit measured |activation| {audit['max_abs']:.4g} > {FP16_MAX:g} at "
         f"{audit['worst_layer']} in the exported fp16 graph{declared}: ONNX Runtime's CPU kernels run parts of "
