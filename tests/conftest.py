@@ -1,9 +1,14 @@
 """Shared fixtures: a tiny AutoencoderKL saved as a diffusers folder, and its exports (built once per session)."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
+
+# Tests marked `tensorrt` skip without it: `from conftest import HAS_TRT`.
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 TINY_CONFIG = dict(
     in_channels=3,

@@ -15,7 +15,6 @@ RESOLUTION = "512-1536"
 OPT = 1024  # the image side a ranged profile is tuned for, clamped into its range
 BUILDER_OPTIMIZATION_LEVEL = 3
 WORKSPACE_GIB = 8.0
-GRAPH_SLOTS = 16  # CUDA graphs kept per TRTVae, least recently used dropped first
 
 # Tiling, as diffusers' AutoencoderKL
 TILE_OVERLAP_FACTOR = 0.25
@@ -44,7 +43,3 @@ CALIBRATION_LATENT_SIZES = ((8, 8), (12, 16))
 # model stays in seconds per image, and at most this many of them.
 CALIBRATION_IMAGE_SIDE = 256
 CALIBRATION_IMAGES = 8
-
-# CUDA graphs: all graph slots of one TRTVae together pin at most this fraction of the device memory free
-# when it is made (below TensorRT 10.10 each slot holds its profile's largest activation memory).
-GRAPH_MEMORY_FRACTION = 0.5

@@ -31,7 +31,7 @@ def load_runtime(directory, backend: str = "auto", trt_options: dict | None = No
 
             vae = TRTVae.from_pretrained(directory, **(trt_options or {}))
             return vae, "TensorRT engine loaded"
-        # What "cannot run here" looks like: no tensorrt/pycuda module, no GPU, an engine built for
+        # What "cannot run here" looks like: no tensorrt module, no GPU, an engine built for
         # another GPU or TensorRT version, no engine in the export. Anything else is a bug and propagates.
         except (ImportError, RuntimeError, OSError, ValueError) as e:
             if backend == "tensorrt":
@@ -57,7 +57,7 @@ def attach(pipe, directory, backend: str = "auto", verbose: bool = True, trt_opt
         backend: "auto" (TensorRT when it can run, else ONNX Runtime), "tensorrt"/"trt" (fail if it
             cannot run) or "onnxruntime"/"ort".
         verbose: print which runtime was chosen and why.
-        trt_options: keyword arguments for `TRTVae` (e.g. `cuda_graphs=True`).
+        trt_options: keyword arguments for `TRTVae` (e.g. `device="cuda:1"`).
         ort_options: keyword arguments for `OrtVae` (e.g. `providers=[...]`).
     """
     vae, reason = load_runtime(directory, backend, trt_options, ort_options)

@@ -1,17 +1,14 @@
 """The export's engine stage where TensorRT is absent, and the post-build precision check on inspector-shaped JSON."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from conftest import HAS_TRT
 
 from trtvae.components import component_specs
 from trtvae.errors import OptionError
 
 SPECS = component_specs({"block_out_channels": [128, 256, 512, 512], "latent_channels": 4})
-
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
 def test_export_options_reach_the_manifest(tiny_fp16):

@@ -1,13 +1,9 @@
 """The runtime contract for TRTVae, on engines built from the tiny export. Needs TensorRT and a CUDA GPU."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-import torch
+from conftest import HAS_TRT
 from contract import RuntimeContract
-
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu,
               pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU")]

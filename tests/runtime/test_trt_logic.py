@@ -1,18 +1,16 @@
 """Everything around TRTVae's TensorRT calls that can be decided without TensorRT or a GPU."""
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 
 import pytest
 import torch
+from conftest import HAS_TRT
 
 from trtvae.profiles import batch_ranges
-from trtvae.runtime.contexts import ContextPool
 from trtvae.runtime.engine_check import EngineMismatchError, check_engine, engine_mismatches, rebuild_command
-
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+from trtvae.runtime.trt import ContextPool, TRTVae
 
 
 # --- compatibility before deserializing -------------------------------------------------------
@@ -99,6 +97,22 @@ def test_trtvae_without_tensorrt_names_the_package(tiny_fp32):
         TRTVae.from_pretrained(tiny_fp32)
 
 
+def test_cuda_graphs_is_an_unknown_argument(tiny_fp32):
+    # There are no CUDA graphs: the option is refused like any misspelt one, before TensorRT is needed,
+    # and attach() does not swallow it into a fallback to ONNX Runtime.
+    from trtvae import attach
+
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        TRTVae.from_pretrained(tiny_fp32, cuda_graphs=True)
+    with pytest.raises(TypeError, match="graph_memory_bytes"):
+        TRTVae.from_pretrained(tiny_fp32, graph_memory_bytes=2**30)
+
+    class Pipe:
+        vae = None
+
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        attach(Pipe(), tiny_fp32, verbose=False, trt_options={"cuda_graphs": True})
+
 
 # --- the backend hooks the shared base uses ----------------------------------------------------
 class _RecordingVae:
@@ -175,7 +189,6 @@ def test_batches_over_the_profile_max_are_split(tiny_fp32):
 def test_shape_outside_every_profile_names_the_ranges(tiny_fp32):
     from trtvae.manifest import read_manifest
     from trtvae.runtime.base import VaeRuntime
-    from trtvae.runtime.trt import TRTVae
 
     vae = TRTVae.__new__(TRTVae)  # no TensorRT here: exercise the profile logic only
     VaeRuntime.__init__(vae, tiny_fp32, read_manifest(tiny_fp32))
@@ -190,7 +203,6 @@ def test_shape_outside_every_profile_names_the_ranges(tiny_fp32):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU")
 def test_engine_build_and_decode_on_gpu(tmp_path, tiny_dir):
-    from trtvae import TRTVae
     from trtvae.export.options import ExportOptions
     from trtvae.export.run import run_export
 
@@ -200,67 +212,19 @@ def test_engine_build_and_decode_on_gpu(tmp_path, tiny_dir):
     image = vae.decode(torch.randn(2, 4, 12, 20, device="cuda")).sample
     assert image.shape == (2, 3, 24, 40) and image.is_cuda and torch.isfinite(image).all()
 
-    # Issue 11 on a real engine: offset views (slicing, batch split), and CUDA graphs captured under
-    # inference_mode then replayed under no_grad, with a byte budget small enough to evict.
+    # Offset views (a batch split beyond the profile max, slicing) reach TensorRT at aligned addresses.
     z = torch.randn(3, 4, 12, 20, device="cuda")
     whole = torch.cat([vae.decode(z[i:i + 1]).sample for i in range(3)])
     assert torch.allclose(vae.decode(z).sample, whole, atol=2e-3)  # batch 3 > profile max 2: split
     vae.enable_slicing()
     assert torch.allclose(vae.decode(z[:2]).sample, whole[:2], atol=2e-3)
     vae.disable_slicing()
-    graphs = TRTVae.from_pretrained(out, cuda_graphs=True, graph_memory_bytes=1)
-    with torch.inference_mode():
-        first = graphs.decode(z[:2]).sample.clone()
-    with torch.no_grad():
-        again = graphs.decode(z[:2]).sample
-        other = graphs.decode(z[:1, :, :8, :8]).sample  # a second shape evicts the first under the budget
-    assert torch.allclose(first, whole[:2], atol=2e-3) and torch.allclose(again, whole[:2], atol=2e-3)
-    assert other.shape == (1, 3, 16, 16) and len(graphs._pool) == 1
+    assert len(vae._pool) == 1  # one context for the decoder's one profile, whatever the shapes
 
 
-def test_context_pool_bound_drops_least_recently_used_idle_contexts():
-    made, dropped = [], []
-    pool = ContextPool(lambda key: made.append(key) or key, max_items=2, on_evict=dropped.append)
-    for key in ("a", "b", "a", "c"):  # "b" is least recently used when "c" arrives
-        with pool.acquire(key):
-            pass
-    assert len(pool) == 2
-    with pool.acquire("a"):
-        pass
-    assert made == ["a", "b", "c"]  # "a" was kept, so not made again
-    with pool.acquire("b"):
-        pass
-    assert made == ["a", "b", "c", "b"]  # "b" had been dropped
-    assert dropped[:1] == ["b"]  # and was handed to on_evict (the GPU slot waits for its stream there)
-    # A context in use is never dropped, even past the bound.
-    with pool.acquire("x"):
-        with pool.acquire("y"):
-            with pool.acquire("z"):
-                assert len(pool) == 3
-
-
-# --- issue 11: what the TensorRT path needs of its tensors, streams and memory (pure logic, no engine runs) ----
-def test_graph_buffers_made_under_inference_mode_accept_updates_under_no_grad():
-    from trtvae.runtime.buffers import graph_buffers
-
-    with torch.inference_mode():  # the first call, which captures
-        x = torch.randn(2, 4, 8, 8)
-        static_in, static_out = graph_buffers(x, torch.empty(2, 3, 16, 16))
-        plain_clone = x.clone()  # what the capture used to keep
-    assert torch.equal(static_in, x)
-    later = torch.randn(2, 4, 8, 8)
-    with torch.no_grad():  # a later call of the same shape, as diffusers makes it
-        static_in.copy_(later)
-        static_out.copy_(torch.ones(2, 3, 16, 16))
-        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
-            plain_clone.copy_(later)
-    with torch.inference_mode():
-        static_in.copy_(x)
-    assert torch.equal(static_in, x) and not static_in.is_inference() and not static_out.is_inference()
-
-
+# --- what TensorRT needs of the tensors it is handed by address ---------------------------------
 def test_offset_views_are_copied_to_256_byte_aligned_memory():
-    from trtvae.runtime.buffers import ALIGNMENT, aligned, aligned_empty, is_aligned
+    from trtvae.runtime.alignment import ALIGNMENT, aligned, aligned_empty, is_aligned
 
     for dtype in (torch.float16, torch.float32):
         for shape in ((1,), (3, 4, 100, 100), (2, 3, 17, 5)):
@@ -277,113 +241,3 @@ def test_offset_views_are_copied_to_256_byte_aligned_memory():
     assert not is_aligned(chunk) and is_aligned(aligned(chunk)) and torch.equal(aligned(chunk), chunk)
     strided = batch.transpose(2, 3)  # aligned start but not contiguous: TensorRT reads it as dense
     assert is_aligned(strided) and aligned(strided).is_contiguous() and torch.equal(aligned(strided), strided)
-
-
-def test_capture_gate_holds_enqueues_while_a_capture_runs():
-    from trtvae.runtime.streams import CaptureGate
-
-    gate = CaptureGate()
-    events = []
-    running = threading.Event()
-    release = threading.Event()
-
-    def enqueue(name, hold=None):
-        with gate.enqueue():
-            events.append(f"{name} in")
-            if hold:
-                running.set()
-                hold.wait(5)
-            events.append(f"{name} out")
-
-    def capture():
-        with gate.capture():
-            events.append("capture in")
-            time.sleep(0.05)  # an enqueue arriving now must wait
-            events.append("capture out")
-
-    first = threading.Thread(target=enqueue, args=("a", release))
-    first.start()
-    running.wait(5)
-    cap = threading.Thread(target=capture)
-    cap.start()
-    time.sleep(0.05)
-    assert "capture in" not in events  # waits for the running enqueue to finish
-    late = threading.Thread(target=enqueue, args=("b",))
-    late.start()
-    time.sleep(0.05)
-    assert "b in" not in events  # a waiting capture goes first
-    release.set()
-    for t in (first, cap, late):
-        t.join(5)
-    assert events == ["a in", "a out", "capture in", "capture out", "b in", "b out"]
-    # Enqueues alone share the gate.
-    inside = []
-
-    def second():
-        with gate.enqueue():
-            inside.append(1)
-
-    with gate.enqueue():
-        t = threading.Thread(target=second)
-        t.start()
-        t.join(5)
-        assert inside == [1]
-
-
-def test_slots_get_streams_no_other_live_slot_holds():
-    from trtvae.runtime.streams import StreamSet
-
-    handles = iter(i % 4 for i in range(1000))  # a round-robin pool of 4, as torch's of 32
-
-    class Stream:
-        def __init__(self):
-            self.cuda_stream = next(handles)
-
-    streams = StreamSet(Stream, attempts=4)
-    taken = [streams.take() for _ in range(4)]
-    assert sorted(s.cuda_stream for s in taken) == [0, 1, 2, 3]
-    shared = streams.take()  # the pool is exhausted: the last one drawn is shared, and counted twice
-    assert shared.cuda_stream == 3 and len(streams) == 4
-    streams.give_back(taken[2])
-    again = streams.take()
-    assert again.cuda_stream == 2  # freed, so handed out again rather than a second share
-    streams.give_back(shared)  # handle 3 is still held by taken[3]
-    streams.give_back(again)
-    assert len(streams) == 3
-    assert streams.take().cuda_stream == 2
-
-
-def test_graph_slots_are_bounded_by_bytes():
-    from trtvae.runtime.trt import _Slot, graph_memory_budget, slot_bytes
-
-    assert graph_memory_budget(80 * 2**30) == 40 * 2**30
-    with pytest.raises(ValueError, match=r"expected a number in \(0, 1\]"):
-        graph_memory_budget(2**30, fraction=0)
-    slot = _Slot(context=None, stream=None)
-    assert slot_bytes(slot) == 0
-    slot.memory = torch.empty(1000, dtype=torch.uint8)
-    slot.graph = (None, torch.empty(10, dtype=torch.float16), torch.empty(5, dtype=torch.float32))
-    assert slot_bytes(slot) == 1000 + 20 + 20
-
-    class Holder:
-        def __init__(self, key):
-            self.key, self.bytes = key, 0
-
-    dropped = []
-    pool = ContextPool(Holder, max_items=16, max_bytes=100, size_of=lambda h: h.bytes,
-                       on_evict=lambda h: dropped.append(h.key))
-    for key in ("a", "b", "c"):
-        with pool.acquire(key) as h:
-            h.bytes = 40  # memory is sized on first use, so the bound applies when a slot is returned
-    assert dropped == ["a"] and len(pool) == 2 and pool.held_bytes() == 80
-    with pool.acquire("b"):  # b becomes most recently used
-        pass
-    with pool.acquire("d") as h:
-        h.bytes = 90
-    assert dropped == ["a", "c", "b"] and len(pool) == 1  # d alone is over budget but kept: it is in use now
-    with pool.acquire("e") as e:
-        e.bytes = 10
-        with pool.acquire("f") as f:
-            f.bytes = 10
-    # Returned in the order f, e: e is most recently used, d is dropped, f (idle, within budget) stays.
-    assert dropped[3:] == ["d"] and pool.held_bytes() == 20

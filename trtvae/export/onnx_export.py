@@ -17,12 +17,12 @@ from torch.export import Dim
 from ..components import ComponentSpec
 from ..errors import ExportError
 from ..files import atomic_path
-from ..precision import DTYPE_NAME, OPSET, torch_dtype
+from ..precision import DTYPE_NAME, DTYPES, OPSET, torch_dtype
 from .wrappers import component_module
 
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for a single-file model
-_ONNX_TYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                    onnx.TensorProto.BFLOAT16: "bfloat16"}
+# ONNX element type -> manifest dtype name, read off precision.DTYPES.
+_ONNX_TYPE_NAMES = {names["onnx"]: name for name, names in DTYPES.items()}
 
 
 def example_input(spec: ComponentSpec, dtype: torch.dtype) -> torch.Tensor:
@@ -141,8 +141,10 @@ def check_graph(model: onnx.ModelProto, spec: ComponentSpec, precision: str, ser
     # type). Everything else must match.
     scales = {n.input[2] for n in model.graph.node if n.op_type == "Resize" and len(n.input) > 2}
     scales |= {i for n in model.graph.node if n.op_type == "InstanceNormalization" for i in n.input[1:]}
-    wrong = sorted({_ONNX_TYPE_NAMES[t.data_type] for t in model.graph.initializer
-                    if t.name not in scales and _ONNX_TYPE_NAMES.get(t.data_type, expected_type) != expected_type})
+    # Floating-point weights only: integer constants (shapes, indices) have no precision.
+    floats = set(DTYPE_NAME.values())
+    types = {_ONNX_TYPE_NAMES.get(t.data_type) for t in model.graph.initializer if t.name not in scales}
+    wrong = sorted((types & floats) - {expected_type})
     if wrong:
         raise ExportError(f"{where}: weights in {wrong} found in a {precision} graph")
 

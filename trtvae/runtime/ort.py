@@ -7,7 +7,8 @@ import torch
 from ..manifest import component_file
 from .base import VaeRuntime
 
-_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+# The manifest dtypes ONNX Runtime can run: numpy has no bfloat16, and ONNX Runtime no bf16 convolution kernels.
+ORT_DTYPES = ("float32", "float16")
 
 
 def _ort():
@@ -36,7 +37,7 @@ class OrtVae(VaeRuntime):
     def __init__(self, directory, manifest: dict, providers=None, session_options=None):
         super().__init__(directory, manifest)
         ort = _ort()
-        if self.dtype not in _NUMPY:
+        if manifest["io_dtype"] not in ORT_DTYPES:
             raise ValueError(
                 f"OrtVae runs fp32 and fp16 exports; this export is {manifest['precision']} "
                 "(ONNX Runtime has no bf16 convolution kernels): load it with TRTVae"
@@ -47,6 +48,7 @@ class OrtVae(VaeRuntime):
         self.providers = list(providers)
         self._session_options = session_options
         self._sessions: dict = {}
+        self._numpy_dtype = np.dtype(manifest["io_dtype"])  # of every input and output (the base casts to it)
 
     @property
     def device(self) -> torch.device:
@@ -78,8 +80,8 @@ class OrtVae(VaeRuntime):
         out = torch.empty(spec.output_shape(tuple(x.shape)), dtype=x.dtype, device=x.device)
         binding = session.io_binding()
         index = x.device.index or 0
-        binding.bind_input(spec.input_name, "cuda", index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
-        binding.bind_output(spec.output_name, "cuda", index, _NUMPY[out.dtype], tuple(out.shape), out.data_ptr())
+        binding.bind_input(spec.input_name, "cuda", index, self._numpy_dtype, tuple(x.shape), x.data_ptr())
+        binding.bind_output(spec.output_name, "cuda", index, self._numpy_dtype, tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(x.device).synchronize()  # ORT runs on its own stream
         session.run_with_iobinding(binding)
         return out

@@ -37,18 +37,3 @@ def aligned(x: torch.Tensor) -> torch.Tensor:
     if x.is_contiguous() and is_aligned(x):
         return x
     return aligned_empty(x.shape, x.dtype, x.device).copy_(x)
-
-
-def graph_buffers(x: torch.Tensor, out: torch.Tensor) -> tuple:
-    """A CUDA graph's static input (a copy of `x`) and output, usable under every autograd mode.
-
-    Tensors made under `torch.inference_mode()` are inference tensors, and an in-place update of
-    one outside inference mode raises. A graph captured during an inference-mode call is replayed
-    by later calls under `no_grad` (what diffusers uses) through `static_in.copy_(x)`, so its
-    buffers are made as normal tensors, which accept in-place updates in every mode.
-    """
-    with torch.inference_mode(False):
-        static_in = aligned_empty(x.shape, x.dtype, x.device)
-        static_in.copy_(x)
-        static_out = aligned_empty(out.shape, out.dtype, out.device)
-    return static_in, static_out
