@@ -5,13 +5,13 @@
     python benchmarks/gpu_check.py --quick              # correctness of every runtime path, a few minutes
 
 --quick: exports and builds the tiny and the demo model at one small profile, runs every runtime path once
-(decode, encode, CUDA graphs, tiling, slicing, batch split, 8 threads) and prints a pass/fail table against
+(decode, encode, tiling, slicing, batch split, 8 threads) and prints a pass/fail table against
 PyTorch fp32 (relative L2 within the fp16 threshold). Without TensorRT it still runs the PyTorch and ONNX
 Runtime CUDA rows and says TensorRT is missing. Exit 0 when every row that ran passed, 1 when one failed,
 2 when nothing could be checked (no GPU).
 
 Backends, side by side in one run: diffusers' PyTorch eager fp16, torch.compile of the same, ONNX Runtime CUDA
-(OrtVae), TensorRT (TRTVae) with the dynamic 512–1536 engine, with CUDA graphs, and a static 1024² engine.
+(OrtVae), TensorRT (TRTVae) with the dynamic 512–1536 engine, and a static 1024² engine.
 A backend that cannot run here gets a row saying why; nothing is skipped silently.
 Times are medians of CUDA-event-timed repeats after warm-up, batch 1.
 """
@@ -25,6 +25,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+# --quick builds the test suite's tiny VAE (tests/conftest.py), so it needs the repository's tests/ folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def cuda_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -103,10 +106,6 @@ def tiled_rows(rows: list, vae, dynamic: Path, trt_reason, repeats: int) -> None
 
 
 # --- --quick ------------------------------------------------------------------------------------------
-# The test suite's tiny VAE (tests/conftest.py), repeated here so a GPU machine needs no test files.
-TINY_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                   up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
-                   latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=0.5)
 # One small profile per model, and the latents each path runs. The profile's min is small enough that
 # no tile falls below it (a tile widened to the min would differ from diffusers' tiling, the reference);
 # the tiling latent exceeds the profile max, so it could not run whole.
@@ -161,19 +160,16 @@ def quick(args) -> int:
 
 
 def _quick_export(name: str, plan: dict, root: Path, device: str):
-    import torch
-    from diffusers import AutoencoderKL
-
     from trtvae.export.loading import load_vae
     from trtvae.export.options import ExportOptions
     from trtvae.export.run import run_export
 
     model = "demo"
     if name == "tiny":
+        from conftest import make_tiny_vae
+
         source = root / "tiny-model"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            AutoencoderKL(**TINY_CONFIG).save_pretrained(source)
+        make_tiny_vae(seed=0).save_pretrained(source)
         model = str(source)
     # verify=False: every row below is its own check against PyTorch fp32, on the GPU.
     # Optimization level 2: builds fast enough for a short loan; this checks correctness, not speed.
@@ -237,48 +233,47 @@ def _quick_rows(model: str, plan: dict, folder: Path, ref, trt_reason, device: s
     def paths(vae, backend):
         judge(backend, "decode", lambda: [(vae.decode(z1).sample, refs["z1"])])
         judge(backend, "encode", lambda: [(vae.encode(x1).latent_dist.mean, ref_x1)])
-        if True:
-            judge(backend, "batch split (3 > max 2)", lambda: [(vae.decode(z3).sample, refs["z3"])])
+        judge(backend, "batch split (3 > max 2)", lambda: [(vae.decode(z3).sample, refs["z3"])])
 
-            def sliced():
-                vae.enable_slicing()
-                try:
-                    return [(vae.decode(z2).sample, refs["z2"])]  # image 1 starts at an unaligned offset
-                finally:
-                    vae.disable_slicing()
+        def sliced():
+            vae.enable_slicing()
+            try:
+                return [(vae.decode(z2).sample, refs["z2"])]  # image 1 starts at an unaligned offset
+            finally:
+                vae.disable_slicing()
 
-            judge(backend, "slicing (batch 2)", sliced)
+        judge(backend, "slicing (batch 2)", sliced)
 
-            def tiled():
-                vae.enable_tiling()
-                vae.tile_sample_min_size, vae.tile_latent_min_size = plan["tile"], plan["tile"] // factor
-                try:
-                    return [(vae.decode(zt).sample, refs["zt"])]
-                finally:
-                    vae.disable_tiling()
+        def tiled():
+            vae.enable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = plan["tile"], plan["tile"] // factor
+            try:
+                return [(vae.decode(zt).sample, refs["zt"])]
+            finally:
+                vae.disable_tiling()
 
-            judge(backend, f"tiling ({zt.shape[2] * factor}² > profile max)", tiled)
+        judge(backend, f"tiling ({zt.shape[2] * factor}² > profile max)", tiled)
 
-            def threaded():
-                results = [None] * 8
+        def threaded():
+            results = [None] * 8
 
-                def work(i):
-                    with torch.inference_mode():
-                        results[i] = vae.decode(threads_z[i]).sample
-                        if device == "cuda":
-                            torch.cuda.current_stream().synchronize()
+            def work(i):
+                with torch.inference_mode():
+                    results[i] = vae.decode(threads_z[i]).sample
+                    if device == "cuda":
+                        torch.cuda.current_stream().synchronize()
 
-                workers = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-                for t in workers:
-                    t.start()
-                for t in workers:
-                    t.join()
-                missing = [i for i, r in enumerate(results) if r is None]
-                if missing:
-                    raise RuntimeError(f"threads {missing} raised (see above)")
-                return list(zip(results, refs["threads"]))
+            workers = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            missing = [i for i, r in enumerate(results) if r is None]
+            if missing:
+                raise RuntimeError(f"threads {missing} raised (see above)")
+            return list(zip(results, refs["threads"]))
 
-            judge(backend, "8 threads", threaded)
+        judge(backend, "8 threads", threaded)
 
     if device == "cpu":  # checks the harness: its references, tolerances and paths, with no GPU
         from trtvae import OrtVae
@@ -291,7 +286,7 @@ def _quick_rows(model: str, plan: dict, folder: Path, ref, trt_reason, device: s
     else:
         rows.append((model, "ONNX Runtime CUDA", "decode, encode", "-", None,
                      "not run: onnxruntime-gpu with CUDAExecutionProvider is not installed"))
-    trt_paths = ["decode", "encode", "batch split", "slicing", "tiling", "8 threads", "CUDA graphs"]
+    trt_paths = ["decode", "encode", "batch split", "slicing", "tiling", "8 threads"]
     if trt_reason:
         rows += [(model, "TensorRT", p, "-", None, f"not run: {trt_reason}") for p in trt_paths]
         return rows
@@ -304,17 +299,6 @@ def _quick_rows(model: str, plan: dict, folder: Path, ref, trt_reason, device: s
                   f"{str(e).splitlines()[0][:150]}") for p in trt_paths]
         return rows
     paths(trt_vae, "TensorRT")
-
-    def graphs():
-        g = TRTVae.from_pretrained(folder, cuda_graphs=True)
-        with torch.inference_mode():  # captures
-            first = g.decode(z1).sample.clone()
-        with torch.no_grad():  # replays, as diffusers calls it (buffers made under inference mode)
-            second = g.decode(z1).sample
-            other = g.decode(z2).sample  # a second shape: its own graph
-        return [(first, refs["z1"]), (second, refs["z1"]), (other, refs["z2"])]
-
-    judge("TensorRT", "CUDA graphs (capture, replay under no_grad, 2nd shape)", graphs)
     return rows
 
 
@@ -410,19 +394,18 @@ def main() -> int:
 
     measure("ONNX Runtime CUDA fp16", ort_cuda)
 
-    def trt(path, graphs=False):
+    def trt(path):
         def make():
             if trt_reason:
                 raise RuntimeError(trt_reason)
             from trtvae import TRTVae
 
-            t = TRTVae.from_pretrained(path, cuda_graphs=graphs)
+            t = TRTVae.from_pretrained(path)
             return (lambda z: t.decode(z).sample, lambda x: t.encode(x).latent_dist.mean)
 
         return make
 
     measure("TensorRT fp16 dynamic", trt(dynamic))
-    measure("TensorRT fp16 dynamic + CUDA graphs", trt(dynamic, graphs=True))
     saved = sizes
     sizes = [1024] if 1024 in saved else []
     measure("TensorRT fp16 static 1024²", trt(static))
