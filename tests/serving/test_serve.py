@@ -24,11 +24,10 @@ pytest.importorskip("pytriton", reason="needs the triton extra: pip install -e '
 tritonclient_http = pytest.importorskip("tritonclient.http")
 import tritonclient.grpc as tritonclient_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
-from triton_helpers import infer, processes_mentioning  # noqa: E402
+from triton_helpers import free_port, infer, processes_mentioning  # noqa: E402
 
 from trtvae import OrtVae  # noqa: E402
 from trtvae.cli import main  # noqa: E402
-from trtvae.serving.server import free_port  # noqa: E402
 
 READY_TIMEOUT_S = 240
 
