@@ -85,10 +85,6 @@ def check_serve_options(directory, host: str, ports: dict, backend: str, max_bat
     if not Path(directory).is_dir():
         raise OptionError(f"{directory}: not a folder; expected an export folder written by vae-export")
     manifest = read_manifest(directory)  # a folder without a finished export fails here
-    if manifest["io_dtype"] not in ("float32", "float16"):
-        raise OptionError(f"serve runs fp32 and fp16 exports (Triton's Python backend hands tensors over as numpy, "
-                          f"which has no bfloat16); this one is {manifest['precision']}: use "
-                          "`vae-export triton --backend tensorrt` in a Triton container")
     check_ports(host, ports)
     return manifest
 
