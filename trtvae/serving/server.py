@@ -33,7 +33,7 @@ from ..errors import OptionError, first_line
 from ..precision import DTYPES
 from .triton_process import ServeError, TritonServer, find_triton, hostport, processes_with  # noqa: F401
 
-STARTING_GRACE_S = 5  # SIGINT before SIGKILL for a server still loading: no request to drain
+STARTING_GRACE_S = 2  # SIGINT before SIGKILL for a server still loading: no request to drain
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 
 
@@ -100,16 +100,16 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
     ServeError naming the model and Triton's reason. Call it from the thread that lives as long as
     the server: tritonserver is tied to it (parent-death signal).
     """
-    from ..swap import assumed_family_note, load_runtime
-    from .models import model_decls
-    from .repository import write_triton_repo
-
     stop_event = stop_event or threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop_event.set()) for s in (signal.SIGINT, signal.SIGTERM)} \
         if threading.current_thread() is threading.main_thread() else {}
     repo_root = server = None
     serving = False
     try:
+        from ..swap import assumed_family_note, load_runtime
+        from .models import model_decls
+        from .repository import write_triton_repo
+
         ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
         manifest = check_serve_options(directory, host, ports, backend, max_batch, instances, prefix)
         install = find_triton()
