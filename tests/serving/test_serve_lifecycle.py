@@ -120,7 +120,7 @@ def test_sigkill_of_serve_leaves_no_tritonserver_or_stub(tiny_fp16):
 @pytest.mark.parametrize("args,message", [
     (["--http-port", "0"], "error: --http-port 0: expected a TCP port, 1 to 65535"),
     (["--grpc-port", "70000"], "error: --grpc-port 70000: expected a TCP port"),
-    (["--http-port", "{p}", "--grpc-port", "{p}"], "expected three different ports"),
+    (["--http-port", "{p}", "--grpc-port", "{p}"], "expected a different port for each"),
     (["--max-batch", "0"], "error: --max-batch 0: expected a whole number, at least 1"),
     (["--instances", "-2"], "error: --instances -2"),
     (["--prefix", "a/b"], "error: --prefix 'a/b'"),

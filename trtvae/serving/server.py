@@ -47,7 +47,7 @@ def check_ports(host: str, ports: dict) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise OptionError(f"{flag} {port!r}: expected a TCP port, 1 to 65535")
     if len(set(ports.values())) < len(ports):
-        raise OptionError(f"{', '.join(f'{f} {p}' for f, p in ports.items())}: expected three different ports")
+        raise OptionError(f"{', '.join(f'{f} {p}' for f, p in ports.items())}: expected a different port for each")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]

@@ -217,13 +217,13 @@ class TritonServer:
         """SIGINT (Triton unloads its models and exits), then SIGKILL for anything of its group still there.
 
         Safe after a failed or partial start. `grace_s`: how long to wait before SIGKILL (default: Triton's
-        exit timeout and 10 s more, for in-flight requests).
+        own exit timeout for in-flight requests, and 2 s; a model still loading would hold it longer).
         """
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGINT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(timeout=self.exit_timeout_s + 10 if grace_s is None else grace_s)
+                    self.process.wait(timeout=self.exit_timeout_s + 2 if grace_s is None else grace_s)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)  # a stub that outlived the server
             with contextlib.suppress(subprocess.TimeoutExpired):
