@@ -34,7 +34,6 @@ from ..precision import DTYPES
 from .triton_process import ServeError, TritonServer, find_triton, hostport, processes_with  # noqa: F401
 
 STARTING_GRACE_S = 2  # SIGINT before SIGKILL for a server still loading: no request to drain
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
 
 
 def check_ports(host: str, ports: dict) -> None:
@@ -77,10 +76,10 @@ def check_serve_options(directory, host: str, ports: dict, backend: str, max_bat
                         prefix: str) -> dict:
     """Every `serve` option, before anything starts; returns the export's manifest."""
     from ..manifest import read_manifest
-    from .repository import check_model_options
+    from .repository import RUNTIMES, check_model_options
 
-    if backend not in BACKENDS:
-        raise OptionError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend not in RUNTIMES:
+        raise OptionError(f"--backend {backend!r}: expected one of {', '.join(RUNTIMES)}")
     check_model_options(prefix, max_batch, instances)
     if not Path(directory).is_dir():
         raise OptionError(f"{directory}: not a folder; expected an export folder written by vae-export")
