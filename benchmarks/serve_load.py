@@ -25,9 +25,17 @@ import numpy as np
 
 
 def _peak_rss_mb(marker: str) -> float:
+    """Sum of the peak RSS (VmHWM, which psutil does not report) of the server and its stubs."""
     from trtvae.serving.server import processes_with
 
-    return sum(int(status.get("VmHWM", "0 kB").split()[0]) for _, status in processes_with(marker)) / 1024
+    total_kb = 0
+    for p in processes_with(marker):
+        try:
+            status = Path(f"/proc/{p.pid}/status").read_text()
+        except OSError:
+            continue
+        total_kb += next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")), 0)
+    return total_kb / 1024
 
 
 def _percentile(values, q):
@@ -64,7 +72,8 @@ def _load(send, clients: int, requests: int) -> dict:
 
 
 def _serve(export: Path, batching: bool):
-    from trtvae.serving.server import free_port
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "serving"))
+    from triton_helpers import free_port
 
     ports = [free_port() for _ in range(3)]
     cmd = [sys.executable, "-m", "trtvae.cli", "serve", str(export), "--http-port", str(ports[0]),
@@ -128,7 +137,7 @@ def main() -> int:
                 inp.set_data_from_numpy(x)
                 client.infer("vae_decoder", [inp], client_timeout=600).as_numpy("sample")
 
-            remote(np.random.default_rng(0))  # first request loads the ONNX session in the stub
+            remote(np.random.default_rng(0))  # one request before timing, as in-process
             for c in clients:
                 rows.append((f"Triton, dynamic batching {'on' if batching else 'off'}", c,
                              _load(remote, c, args.requests), ready_s, _peak_rss_mb(repo)))

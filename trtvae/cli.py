@@ -108,18 +108,24 @@ def triton_parser() -> argparse.ArgumentParser:
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    from .serving.repository import RUNTIMES
+
     p = argparse.ArgumentParser(
         prog="vae-export serve",
         description="Serve an export folder through a real Triton Inference Server (the one the `triton` extra, "
         "nvidia-pytriton, bundles) until Ctrl-C/SIGTERM: models <prefix>_decoder, <prefix>_encoder and "
         "<prefix>_decode_image (scaled FP32 latents in, UINT8 pixels out), all with dynamic batching.",
+        epilog="Each model loads its runtime and runs one warm-up inference before Triton calls it ready. Options "
+        "are checked before anything starts; a bad option, a port in use or a model that cannot load (e.g. a file "
+        "changed after export) is one `error:` line and exit 1. Requests the runtime refuses (shape, NaN/inf) "
+        "get INVALID_ARG (HTTP 400), server faults INTERNAL (HTTP 500).",
     )
     p.add_argument("export_dir", type=Path, help="folder written by vae-export (holding manifest.json)")
     p.add_argument("--host", default=defaults.SERVE_HOST, help="address to listen on (default %(default)s)")
     p.add_argument("--http-port", type=int, default=defaults.SERVE_HTTP_PORT, help="default %(default)s")
     p.add_argument("--grpc-port", type=int, default=defaults.SERVE_GRPC_PORT, help="default %(default)s")
     p.add_argument("--metrics-port", type=int, default=defaults.SERVE_METRICS_PORT, help="default %(default)s")
-    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"),
+    p.add_argument("--backend", default=RUNTIMES[0], choices=RUNTIMES,
                    help="auto: TRTVae where the folder has engines for this GPU, else OrtVae (default auto)")
     p.add_argument("--max-batch", type=int, default=defaults.TRITON_MAX_BATCH,
                    help="largest batch Triton's dynamic batcher forms (default %(default)s)")

@@ -12,17 +12,27 @@ from trtvae.errors import OptionError
 from trtvae.files import sha256_file
 from trtvae.serving.repository import write_triton_repo
 
+pytest.importorskip("tritonclient.grpc", reason="config.pbtxt is Triton's ModelConfig: needs the triton extra")
+from triton_helpers import read_config  # noqa: E402
+
+
+def _io(config) -> dict:
+    """{tensor name: (Triton type name, dims)} of a parsed config's inputs and outputs."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    return {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in [*config.input, *config.output]}
+
 
 def test_onnx_repository(tmp_path, tiny_fp16):
     repo = tmp_path / "repo"
     assert main(["triton", str(tiny_fp16), "--repo", str(repo), "--backend", "onnx", "--prefix", "sdxl"]) == 0
-    dec = (repo / "sdxl_decoder" / "config.pbtxt").read_text()
-    assert 'name: "sdxl_decoder"' in dec and 'platform: "onnxruntime_onnx"' in dec
-    assert "max_batch_size: 4" in dec
-    assert 'name: "latent_sample"' in dec and "data_type: TYPE_FP16" in dec and "dims: [ 4, -1, -1 ]" in dec
-    assert 'name: "sample"' in dec and "dims: [ 3, -1, -1 ]" in dec
-    enc = (repo / "sdxl_encoder" / "config.pbtxt").read_text()
-    assert 'name: "latent_parameters"' in enc and "dims: [ 8, -1, -1 ]" in enc
+    dec = read_config(repo / "sdxl_decoder" / "config.pbtxt")
+    assert dec.name == "sdxl_decoder" and dec.platform == "onnxruntime_onnx" and not dec.backend
+    assert dec.max_batch_size == 4
+    assert _io(dec) == {"latent_sample": ("TYPE_FP16", [4, -1, -1]), "sample": ("TYPE_FP16", [3, -1, -1])}
+    assert [t.name for t in dec.input] == ["latent_sample"] and [t.name for t in dec.output] == ["sample"]
+    enc = read_config(repo / "sdxl_encoder" / "config.pbtxt")
+    assert _io(enc)["latent_parameters"] == ("TYPE_FP16", [8, -1, -1])
     assert sha256_file(repo / "sdxl_decoder" / "1" / "model.onnx") == sha256_file(tiny_fp16 / "decoder.onnx")
 
 
@@ -38,10 +48,10 @@ def test_tensorrt_repository_uses_the_engine_profile(tmp_path, tiny_fp16):
     del manifest["components"]["encoder"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     (written,) = write_triton_repo(folder, tmp_path / "repo")
-    config = (written / "config.pbtxt").read_text()
-    assert 'platform: "tensorrt_plan"' in config and "max_batch_size: 2" in config
+    config = read_config(written / "config.pbtxt")
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 2
     # One static size in every profile: Triton is told the exact dims (output ×2 for the tiny VAE).
-    assert "dims: [ 4, 16, 24 ]" in config and "dims: [ 3, 32, 48 ]" in config
+    assert _io(config) == {"latent_sample": ("TYPE_FP16", [4, 16, 24]), "sample": ("TYPE_FP16", [3, 32, 48])}
     assert (written / "1" / "model.plan").read_bytes() == plan
     write_triton_repo(folder, tmp_path / "repo", backend="onnx")
     assert not (written / "1" / "model.plan").exists() and (written / "1" / "model.onnx").exists()
@@ -60,12 +70,14 @@ def test_python_repository_is_self_contained(tmp_path, tiny_fp16):
     repo = tmp_path / "repo"
     assert main(["triton", str(tiny_fp16), "--repo", str(repo), "--backend", "python", "--instances", "2"]) == 0
     assert sorted(p.name for p in repo.iterdir()) == ["vae_decode_image", "vae_decoder", "vae_encoder"]
-    config = (repo / "vae_decode_image" / "config.pbtxt").read_text()
-    assert 'backend: "python"' in config and "max_batch_size: 4" in config and "dynamic_batching" in config
-    assert 'name: "latents"' in config and "TYPE_FP32" in config and 'name: "image"' in config
-    assert "TYPE_UINT8" in config and "dims: [ -1, -1, 3 ]" in config and "count: 2" in config
-    assert 'key: "trtvae_model" value: { string_value: "decode_image" }' in config
-    assert "export_dir" not in config  # the export travels with the repository
+    config = read_config(repo / "vae_decode_image" / "config.pbtxt")
+    assert config.backend == "python" and config.max_batch_size == 4 and config.HasField("dynamic_batching")
+    assert _io(config) == {"latents": ("TYPE_FP32", [4, -1, -1]), "image": ("TYPE_UINT8", [-1, -1, 3])}
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(2, "KIND_CPU")]
+    assert {k: v.string_value for k, v in config.parameters.items()} == \
+        {"trtvae_model": "decode_image", "prefix": "vae", "runtime": "auto"}  # no export_dir: it travels along
     export = repo / "vae_encoder" / "1" / "export"
     assert sorted(p.name for p in export.iterdir()) == ["encoder.onnx", "manifest.json"]
     assert sha256_file(export / "encoder.onnx") == sha256_file(tiny_fp16 / "encoder.onnx")
@@ -95,8 +107,10 @@ def test_python_repository_loads_in_the_bundled_tritonserver(tmp_path, tiny_fp16
     import tritonclient.http as http
     from triton_helpers import infer, processes_mentioning
 
+    from triton_helpers import free_port
+
     from trtvae import OrtVae
-    from trtvae.serving.server import TritonServer, free_port
+    from trtvae.serving.server import TritonServer
 
     repo = tmp_path / "portable"
     write_triton_repo(tiny_fp16, repo, backend="python")
@@ -117,8 +131,8 @@ def test_python_backend_refuses_bf16_and_quotes_paths(tmp_path, tiny_fp16):
     folder = tmp_path / 'odd "dir"'
     shutil.copytree(tiny_fp16, folder)
     write_triton_repo(folder, tmp_path / "repo", backend="python", export_in_place=True)
-    config = (tmp_path / "repo" / "vae_decoder" / "config.pbtxt").read_text()
-    assert 'string_value: "' + str(folder.resolve()).replace('"', '\\"') + '"' in config
+    config = read_config(tmp_path / "repo" / "vae_decoder" / "config.pbtxt")
+    assert config.parameters["export_dir"].string_value == str(folder.resolve())  # one value, quote and all
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.update(io_dtype="bfloat16", precision="bf16")
     (folder / "manifest.json").write_text(json.dumps(manifest))

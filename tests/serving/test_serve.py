@@ -24,11 +24,10 @@ pytest.importorskip("pytriton", reason="needs the triton extra: pip install -e '
 tritonclient_http = pytest.importorskip("tritonclient.http")
 import tritonclient.grpc as tritonclient_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
-from triton_helpers import infer, processes_mentioning  # noqa: E402
+from triton_helpers import free_port, infer, processes_mentioning  # noqa: E402
 
 from trtvae import OrtVae  # noqa: E402
 from trtvae.cli import main  # noqa: E402
-from trtvae.serving.server import free_port  # noqa: E402
 
 READY_TIMEOUT_S = 240
 
@@ -216,15 +215,28 @@ def test_killed_model_worker_gives_errors_never_a_hang_or_a_wrong_answer(server,
     print(f"after killing the decoder's stubs: {outcomes}")
 
 
-def test_sigint_stops_the_server_and_leaves_no_process(server):
-    proc = server["proc"]
+def test_sigint_during_a_reload_stops_the_server_and_leaves_no_process(server):
+    """Kill the encoder's stubs, and send SIGINT once serve has begun reloading it (a load takes seconds)."""
+    proc, seen = server["proc"], len(server["later"])
+    for pid in processes_mentioning(f"{server['repo']}/vae_encoder/"):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any("vae_encoder: a worker process died" in ln
+                                                  for ln in server["later"][seen:]):
+        time.sleep(0.1)
+    assert any("vae_encoder: a worker process died; reloading" in ln for ln in server["later"][seen:])
+    assert not any("vae_encoder: reloaded" in ln for ln in server["later"][seen:])  # still reloading
+    sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=90) == 0
+    took = time.monotonic() - sent
+    assert took < 30  # Triton's exit timeout (10 s) for in-flight requests, 2 s, then SIGKILL; interpreter exit
     deadline = time.monotonic() + 30
     while processes_mentioning(server["repo"]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert processes_mentioning(server["repo"]) == []
     assert not os.path.exists(server["repo"])  # the temporary repository is removed too
+    print(f"SIGINT during a reload: serve exited in {took:.1f} s")
 
 
 def test_sigterm_stops_a_server_too(tiny_fp32):

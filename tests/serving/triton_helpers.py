@@ -1,14 +1,70 @@
-"""Shared by the serving tests: processes of a server, and requests through tritonclient."""
+"""Shared by the serving tests: free ports, processes of a server, configs, and requests through tritonclient."""
 from __future__ import annotations
 
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def processes_mentioning(text: str) -> list:
     """PIDs of live processes whose command line contains `text` (the server and its stubs name their repository)."""
     from trtvae.serving.server import processes_with
 
-    return [pid for pid, status in processes_with(text) if status.get("State", "")[:1] != "Z"]
+    return [p.pid for p in processes_with(text)]
+
+
+def wait_gone(text: str, timeout_s: float) -> list:
+    """Wait until no live process mentions `text`; returns those still there after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return left
+
+
+def read_config(path):
+    """A config.pbtxt parsed into Triton's own `ModelConfig` message."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
+def write_config(path, config) -> None:
+    from google.protobuf import text_format
+
+    Path(path).write_text(text_format.MessageToString(config))
+
+
+def start_serve(export, *args, ports=None):
+    """`vae-export serve EXPORT ARGS` on free loopback ports; returns (process, ports)."""
+    ports = ports or [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "trtvae.cli", "serve", str(export), "--http-port", str(ports[0]),
+           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), ports
+
+
+def read_until(proc, pattern: str, lines: list, timeout_s: float = 240) -> re.Match | None:
+    """Read the process's output into `lines` until a line matches `pattern` (None at EOF or timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            return None
+        lines.append(line)
+        if m := re.search(pattern, line):
+            return m
+    return None
 
 
 def infer(client_module, url: str, model: str, name: str, array: np.ndarray, output: str, timeout: float = 60.0):

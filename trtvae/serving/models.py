@@ -19,8 +19,6 @@ from ..latents import unscale
 
 DECODE_IMAGE = "decode_image"
 KINDS = (DECODER, ENCODER, DECODE_IMAGE)
-# Triton's type names for the numpy dtypes served.
-TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "uint8": "TYPE_UINT8"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +69,22 @@ class ServedModel:
             from diffusers.image_processor import VaeImageProcessor
 
             self._processor = VaeImageProcessor(vae_scale_factor=spatial_factor(runtime.config))
+
+    def warm_up(self) -> tuple:
+        """Run one inference of the smallest input the runtime takes without padding; return its shape.
+
+        This is what loads the runtime's sessions or engines (and checks their files against the
+        manifest), so a model that returns from here is loaded; an output with NaN/inf is refused.
+        """
+        spec = component_specs(self.runtime.config)[self.decl.component]
+        profiles = getattr(self.runtime, "profiles", {}).get(self.decl.component)
+        h, w = profiles[0]["min"][2:] if profiles else (spec.input_multiple, spec.input_multiple)
+        shape = (1, self.decl.input.dims[0], h, w)
+        out = self.run(np.zeros(shape, np.dtype(self.decl.input.dtype)))
+        if out.dtype.kind == "f" and not np.isfinite(out).all():
+            raise RuntimeError(f"{self.decl.name}: the warm-up inference on zeros {shape} gave "
+                               f"{int((~np.isfinite(out)).sum())} NaN/inf values of {out.size}")
+        return shape
 
     def run(self, array: np.ndarray) -> np.ndarray:
         """Raises ValueError naming the tensor and the shapes for input the runtime refuses."""

@@ -22,7 +22,8 @@ from ..components import component_specs
 from ..errors import OptionError
 from ..files import atomic_path
 from ..manifest import component_file, engine_profiles, read_manifest, write_manifest
-from .models import TRITON_TYPES, model_decls
+from ..precision import DTYPES
+from .models import model_decls
 
 BACKENDS = ("tensorrt", "onnx", "python")
 RUNTIMES = ("auto", "tensorrt", "onnxruntime")
@@ -48,29 +49,54 @@ def _static_dims(profiles: list, input_dims: list, output_dims: list, upscale: i
     return [input_dims[0], h, w], [output_dims[0], h * upscale // downscale, w * upscale // downscale]
 
 
-def config_pbtxt(name: str, max_batch: int, io: dict, platform: str | None = None, backend: str | None = None,
-                 instances: int | None = None, parameters: dict | None = None, dynamic_batching: bool = True) -> str:
-    def block(t):
-        return (f"  {{\n    name: \"{t['name']}\"\n    data_type: {TRITON_TYPES[t['dtype']]}\n"
-                f"    dims: [ {', '.join(map(str, t['dims']))} ]\n  }}")
-
-    lines = [f'name: "{name}"']
-    lines += [f'platform: "{platform}"'] if platform else [f'backend: "{backend}"']
-    lines += [f"max_batch_size: {max_batch}",
-              "input [\n" + block(io["input"]) + "\n]",
-              "output [\n" + block(io["output"]) + "\n]"]
+def model_config(name: str, max_batch: int, io: dict, platform: str | None = None, backend: str | None = None,
+                 instances: int | None = None, parameters: dict | None = None, dynamic_batching: bool = True):
+    """Triton's own `ModelConfig` message: `io` maps "input"/"output" to {name, dtype (manifest name), dims}."""
+    pb = _schema()
+    config = pb.ModelConfig(name=name, max_batch_size=max_batch)
+    if platform:
+        config.platform = platform
+    else:
+        config.backend = backend
+    for field, t in (("input", io["input"]), ("output", io["output"])):
+        getattr(config, field).add(name=t["name"], data_type=pb.DataType.Value(DTYPES[t["dtype"]]["triton"]),
+                                   dims=list(t["dims"]))
     if dynamic_batching:
-        lines.append("dynamic_batching { }")  # requests of one shape are batched; other sizes run as they come
+        config.dynamic_batching.SetInParent()  # requests of one shape are batched; other sizes run as they come
     if instances:
-        lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
+        config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU)
     for key, value in (parameters or {}).items():
-        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{_quote(value)}" }} }}')
-    return "\n".join(lines) + "\n"
+        config.parameters[key].string_value = str(value)
+    return config
 
 
-def _quote(text) -> str:
-    """A protobuf text-format string body: a path with a quote or backslash stays one value."""
-    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def config_pbtxt(*args, **kwargs) -> str:
+    """`model_config(...)` in protobuf text format, as Triton reads config.pbtxt."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(model_config(*args, **kwargs))
+
+
+def _schema():
+    """tritonclient's copy of Triton's model_config.proto."""
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as e:
+        raise OptionError(f"writing a Triton model config needs tritonclient ({e}): pip install 'trtvae[triton]'") \
+            from None
+    return model_config_pb2
+
+
+def check_model_options(prefix: str, max_batch: int, instances: int) -> None:
+    """What every served model's config needs: a name Triton accepts, and counts of at least one."""
+    for flag, value in (("--max-batch", max_batch), ("--instances", instances)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"{flag} {value!r}: expected a whole number, at least 1")
+    # Triton names a model by its folder; keep it one plain path component.
+    if not isinstance(prefix, str) or not prefix or not prefix.replace("_", "").replace("-", "").isalnum() \
+            or not prefix.isascii() or prefix.startswith("-"):
+        raise OptionError(f"--prefix {prefix!r}: expected ASCII letters, digits, '_' or '-', not starting with '-' "
+                          "(it names Triton models and their folders)")
 
 
 def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str = defaults.TRITON_PREFIX,
@@ -93,10 +119,9 @@ def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str =
         raise OptionError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if runtime not in RUNTIMES:
         raise OptionError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
-    if max_batch < 1 or instances < 1:
-        raise OptionError(f"--max-batch {max_batch} and --instances {instances}: expected at least 1")
-    if not str(prefix).replace("_", "").replace("-", "").isalnum():
-        raise OptionError(f"--prefix {prefix!r}: expected letters, digits, '_' or '-' (it names Triton models)")
+    check_model_options(prefix, max_batch, instances)
+    if Path(repo).exists() and not Path(repo).is_dir():
+        raise OptionError(f"--repo {repo}: is a file, expected a folder (the model repository)")
     manifest = read_manifest(export_dir)
     if backend == "python" and manifest["io_dtype"] not in ("float32", "float16"):
         raise OptionError(f"--backend python serves fp32 and fp16 exports; this one is {manifest['precision']} "
