@@ -158,3 +158,47 @@ def test_a_signal_at_any_stage_leaves_the_export(export_dir, tiny_dir, after_lin
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert "interrupted" in err and "Traceback" not in err
     _assert_untouched(export_dir, before)
+
+
+# -- out of GPU memory: one line naming the stage and what to change --------------------------------------------
+
+@pytest.mark.parametrize("target,raised,where,change", [
+    ("_build_engines", torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"),
+     "the TensorRT build", "--workspace"),
+    ("_build_engines", RuntimeError("TensorRT failed to build the decoder engine: Requested amount of GPU memory "
+                                    "(8589934592 bytes) could not be allocated. out of memory"),
+     "the TensorRT build", "--workspace"),
+    ("verify_export", torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.00 GiB"), "verify",
+     "--no-verify"),
+])
+def test_out_of_memory_in_a_gpu_stage_is_one_error_line(export_dir, tiny_dir, monkeypatch, capsys, target, raised,
+                                                        where, change):
+    import trtvae.export.run as pipeline
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(pipeline, target, fail)
+    before = _hashes(export_dir)
+    code = main(["--model", str(tiny_dir), "--out", str(export_dir), "--precision", "fp32", "--components", "decoder"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith(f"error: out of GPU memory in {where}") and change in line and "--batch" in line, line
+    _assert_untouched(export_dir, before)
+
+
+def test_out_of_memory_elsewhere_is_still_one_error_line(export_dir, tiny_dir, monkeypatch, capsys):
+    import trtvae.export.run as pipeline
+
+    def export_onnx(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(pipeline, "export_onnx", export_onnx)
+    before = _hashes(export_dir)
+    code = main(["--model", str(tiny_dir), "--out", str(export_dir), "--precision", "fp32", "--components", "decoder"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith("error: out of GPU memory (CUDA out of memory") and "--batch" in line, line
+    _assert_untouched(export_dir, before)
