@@ -62,3 +62,20 @@ def test_min_opt_and_off_grid_come_before_max_and_batch_is_not_multiplied(sdxl):
     one = {"min": (1, 4, 64, 64), "opt": (1, 4, 128, 128), "max": (1, 4, 192, 192)}
     assert reference_shapes(24 * GIB, one, specs["decoder"], config)[0][-1] == (1, 4, 192, 192)
     assert reference_shapes(24 * GIB, DEC, specs["decoder"], config)[0][-1] == (4, 4, 192, 192)
+
+
+def test_the_sliced_reference_equals_the_batched_one():
+    import torch
+
+    from conftest import make_tiny_vae
+    from trtvae.export.verify import _sliced, reference
+
+    vae = make_tiny_vae()
+    z = torch.randn(3, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(_sliced(vae, "decoder", z), reference(vae, "decoder", z), rtol=1e-5, atol=1e-5)
+    x = torch.rand(3, 3, 12, 10, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mean, logvar = _sliced(vae, "encoder", x)
+    dist = reference(vae, "encoder", x)
+    assert mean.shape == dist.mean.shape == (3, 4, 6, 5)
+    assert torch.allclose(mean, dist.mean, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(logvar, dist.logvar, rtol=1e-5, atol=1e-5)

@@ -190,10 +190,14 @@ def reference_shapes(free_bytes: int, profile: dict, spec: ComponentSpec, config
 
 def _sliced(ref_vae, name: str, x: torch.Tensor):
     """The reference one image at a time, each result moved to the CPU: memory for one image only."""
-    parts = [reference(ref_vae, name, x[i:i + 1]) for i in range(x.shape[0])]
     if name == DECODER:
-        return torch.cat([p.cpu() for p in parts])
-    return (torch.cat([p.mean.cpu() for p in parts]), torch.cat([p.logvar.cpu() for p in parts]))
+        return torch.cat([reference(ref_vae, name, x[i:i + 1]).cpu() for i in range(x.shape[0])])
+    means, logvars = [], []
+    for i in range(x.shape[0]):
+        dist = reference(ref_vae, name, x[i:i + 1])
+        means.append(dist.mean.cpu())
+        logvars.append(dist.logvar.cpu())
+    return torch.cat(means), torch.cat(logvars)
 
 
 def verify_engines(vae, trt_vae, specs: dict, precision: str, components, report: VerifyReport, ort_vae=None,
