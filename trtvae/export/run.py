@@ -106,15 +106,16 @@ def _export_into(folder: Path, loaded, opts: ExportOptions) -> dict:
                              "--no-verify"):
                 manifest["verify"] = verify_export(vae, folder, manifest, specs, opts.precision, opts.components,
                                                    grid_path=folder / VERIFY_PNG)
-        except VerificationError:
+        except VerificationError as e:
             if overflow is None:
                 raise
+            manifest["verify"] = {"status": "failed", "reason": str(e).split(". No manifest")[0]}
     else:
         manifest["verify"] = {"status": "skipped"}
     if overflow is not None:  # whatever verify said: ONNX Runtime's CPU kernels hide fp16 overflow
-        from .fp16.decide import Fp16OverflowError
+        from .fp16.decide import Fp16OverflowError, overflow_gate
 
-        raise Fp16OverflowError(overflow)
+        raise Fp16OverflowError(overflow_gate(manifest["fp16_safety"], manifest["verify"]))
     manifest["files"] = present_outputs(folder)
     write_manifest(folder, manifest)
     return manifest

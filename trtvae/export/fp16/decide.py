@@ -58,23 +58,28 @@ class Fp16OverflowError(VerificationError):
     """The audited fp16 graph holds values above 65504: never a loadable export, whatever verify says."""
 
 
-def overflow_gate(record: dict) -> str | None:
+def overflow_gate(record: dict, verify: dict | None = None) -> str | None:
     """Why the exported fp16 graph must not become an export (one line), or None when it fits fp16.
 
     Judged on the audit of the graph that is exported (the rescaled copy where rescaling ran), not on
     verify: ONNX Runtime's CPU kernels run parts of an fp16 graph in fp32 (a residual Add feeding an
     InstanceNormalization, measured: 1.4e5 stays finite there), so its verify can pass on a graph
     that gives NaN on fp16 runtimes such as TensorRT; and verify may not run at all (--no-verify).
+    `verify`: the verify record, or {"status": "failed", "reason": ...}, to say what it found.
     """
     audit = record.get("audit_after_rescale") or record["audit"]
     if audit["max_abs"] <= FP16_MAX:
         return None
+    status = (verify or {}).get("status")
+    head = "verify passed, but the audit measured" if status == "passed" else "the audit measured"
     declared = "; the source declares force_upcast: true" if record["audit"].get("declares_force_upcast") else ""
+    found = {"failed": f"; verify failed too ({(verify or {}).get('reason')})",
+             "passed": "", None: ""}.get(status, f"; verify {str(status).replace('_', ' ')}")
     fix = ("export with the exact rescaling (without --no-rescale) or with --precision bf16 or fp32"
            if audit.get("rescale_possible") else "export with --precision bf16 or fp32")
-    return (f"fp16 overflow: the audit measured |activation| {audit['max_abs']:.4g} > {FP16_MAX:g} at "
-            f"{audit['worst_layer']} in the exported fp16 graph{declared}; fp16 runtimes (TensorRT) would give "
-            f"NaN there, whatever verify on ONNX Runtime's CPU says. No manifest was written: {fix}")
+    return (f"fp16 overflow: {head} |activation| {audit['max_abs']:.6g} > {FP16_MAX:g} at {audit['worst_layer']} "
+            f"in the exported fp16 graph{declared}: fp16 runtimes (TensorRT) would give NaN there, whatever ONNX "
+            f"Runtime's CPU kernels show{found}. No manifest was written: {fix}")
 
 
 def norms_over_limit(audit: AuditResult) -> list:
