@@ -202,3 +202,58 @@ def test_out_of_memory_elsewhere_is_still_one_error_line(export_dir, tiny_dir, m
     [line] = [line for line in err.splitlines() if line.strip()]
     assert line.startswith("error: out of GPU memory (CUDA out of memory") and "--batch" in line, line
     _assert_untouched(export_dir, before)
+
+
+# -- the swap itself (no model needed) ----------------------------------------------------------------------------
+
+def _fake_export(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / MANIFEST_NAME).write_text(text)
+    return folder
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch, capsys):
+    from trtvae.export import outdir
+
+    out = _fake_export(tmp_path / "out", "old")
+    (out / USER_FILE).write_text("mine")
+    real_rename = os.rename
+    calls = []
+
+    def rename_then_signal(src, dst):
+        real_rename(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:  # between the two renames: --out does not exist at this instant
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with outdir.Staging(out) as staging:
+        (staging.path / MANIFEST_NAME).write_text("new")
+        monkeypatch.setattr(outdir.os, "rename", rename_then_signal)
+        staging.commit()  # no KeyboardInterrupt: the swap finished first
+    monkeypatch.undo()
+    assert (out / MANIFEST_NAME).read_text() == "new" and (out / USER_FILE).read_text() == "mine"
+    assert _leftovers(out) == []
+    assert "SIGINT during the final swap" in capsys.readouterr().out
+
+
+def test_leftovers_of_a_killed_export_are_cleared_and_a_half_swap_undone(tmp_path):
+    from trtvae.export import outdir
+
+    pid = _dead_pid()
+    out = tmp_path / "out"
+    old = _fake_export(tmp_path / f".out.old-{pid}", "the good export")  # killed between the two renames
+    staged = _fake_export(tmp_path / f".out.staging-{pid}", "half")
+    theirs = tmp_path / f".out.staging-{os.getpid()}x"  # not a pid: not ours to remove
+    theirs.mkdir()
+    with outdir.Staging(out) as staging:
+        assert (out / MANIFEST_NAME).read_text() == "the good export"  # restored before anything else
+        assert not old.exists() and not staged.exists() and theirs.exists()
+        assert staging.path.name == f".out.staging-{os.getpid()}"
+    assert (out / MANIFEST_NAME).read_text() == "the good export"
+    assert _leftovers(out) == [theirs.name]

@@ -3,7 +3,7 @@
 Invariants:
 - Nothing under --out is written before the new export is complete (manifest written in the staging
   folder). Then two renames on one file system replace it: --out → `.<name>.old-<pid>`, staging →
-  --out; the old folder is removed after. Signals are held back during the swap.
+  --out; the old folder is removed after. A signal during the swap is noted, not acted on.
 - A failure or a signal (SIGINT, and SIGTERM, which raises KeyboardInterrupt while an export runs)
   at any earlier point leaves --out byte for byte as it was, and the staging folder is removed.
 - Only a trtvae export folder (manifest or marker) or an empty folder is replaced. Entries of it that
@@ -87,16 +87,25 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def signals_held():
-    """SIGINT/SIGTERM wait until the block is done (main thread only; elsewhere signals reach Python anyway)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
+def signals_held(reraise: bool = True):
+    """SIGINT/SIGTERM arriving in the block are noted, not acted on; after it, KeyboardInterrupt (if `reraise`).
+
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the OS chose,
+    so a noting handler defers them reliably (a thread's signal mask would not: torch's threads take them).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield []
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield caught
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught and reraise:
+            raise KeyboardInterrupt(signal.Signals(caught[0]).name)
 
 
 def _raise_interrupt(signum, frame):
@@ -152,7 +161,7 @@ class Staging:
 
     def commit(self) -> None:
         """Put the finished staging folder in place of --out; carry over the user's own entries."""
-        with signals_held():
+        with signals_held(reraise=False) as caught:
             old = None
             if self.out.exists():
                 old = self._sibling("old")
@@ -170,6 +179,9 @@ class Staging:
                 for name in theirs:
                     os.rename(old / name, self.out / name)
                 shutil.rmtree(old, ignore_errors=True)
+        if caught:  # too late to stop: the export is finished and in place
+            console.print(f"[yellow]! {signal.Signals(caught[0]).name} during the final swap: {self.out} holds "
+                          "the new, finished export[/]")
 
     def keep_for_inspection(self) -> Path:
         """Move the staging folder's files to `<out>.inspect` (never a loadable export); return where."""
