@@ -195,8 +195,6 @@ class Staging:
             (self.path / INSPECT_MARKER).write_text(
                 f"Files of a failed export into {self.out}, kept for inspection only: not an export, "
                 f"never loaded. {self.out} was left as it was. Safe to delete.\n")
-            for name in CARRIED:
-                (self.path / name).unlink(missing_ok=True)  # the timing cache stays with --out
             os.rename(self.path, target)
             self.committed = True  # nothing left to remove
         return target
