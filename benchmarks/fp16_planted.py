@@ -129,7 +129,9 @@ def main() -> None:
         timings.clear()
         result, seconds = _quiet(run_export, ExportOptions(precision="fp16", out=out, engines="skip", **kw))
         stages = dict(timings)
-        report = json.loads((out / "fp16_audit.json").read_text())
+        # A failed export leaves --out untouched and keeps its files in <out>.inspect.
+        files = out if (out / "manifest.json").exists() else out.parent / f"{out.name}.inspect"
+        report = json.loads((files / "fp16_audit.json").read_text())
         before = _audit_figures(report)
         shown = _audit_figures(report["after_rescale"]) if "after_rescale" in report else before
         print(f"\n[{i}] {label}")
@@ -153,7 +155,7 @@ def main() -> None:
         else:
             print(f"  no manifest: {type(result).__name__}: {result}")
             for name, inp, ref in (("decoder", z, ref_dec), ("encoder moments", x, ref_enc)):
-                y = _run_onnx(out / f"{name.split()[0]}.onnx", inp)
+                y = _run_onnx(files / f"{name.split()[0]}.onnx", inp)
                 stats = compare(y, ref)
                 print(f"  {name} at {'x'.join(map(str, inp.shape))}: {stats.nonfinite} of {y.size} values NaN/inf "
                       f"({stats.nonfinite / y.size:.1%}), rel L2 {stats.rel_l2:.3g}")

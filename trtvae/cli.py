@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import defaults
-from .errors import TrtvaeError
+from .errors import TrtvaeError, first_line
 
 COMMANDS = ("audit", "triton", "serve", "doctor")
 # What `vae-export audit` shares with the export, flag for flag.
@@ -167,8 +167,15 @@ def main(argv=None) -> int:
         print(f"error: {e.strerror or e} ({e.filename or 'file system'})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: no manifest was written, the output folder is not a finished export", file=sys.stderr)
+        print("interrupted" + (": an unfinished export leaves its output folder as it was" if command == "export"
+                               else ""), file=sys.stderr)
         return 130
+    except RuntimeError as e:  # a CUDA out-of-memory the stages did not name: still one line, never a traceback
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        print(f"error: out of GPU memory ({first_line(e, 160)}): lower --batch or --resolution, or --workspace",
+              file=sys.stderr)
+        return 1
     if command == "export":
         print(f"total {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code

@@ -80,10 +80,10 @@ def test_manifest_weights_hash_is_the_source_file(tiny_dir, tiny_fp32):
     assert m["source"]["weights_sha256"] == sha256_file(tiny_dir / m["source"]["weights_file"])
 
 
-def test_interrupted_reexport_leaves_no_manifest(tmp_path, tiny_dir, monkeypatch):
+def test_interrupted_reexport_leaves_the_old_export(tmp_path, tiny_dir, monkeypatch):
     out = tmp_path / "out"
     run_export(ExportOptions(model=str(tiny_dir), precision="fp32", out=out, verify=False))
-    assert (out / MANIFEST_NAME).exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     import trtvae.export.run as pipeline
 
@@ -97,14 +97,12 @@ def test_interrupted_reexport_leaves_no_manifest(tmp_path, tiny_dir, monkeypatch
     monkeypatch.setattr(pipeline, "export_onnx", fail_on_encoder)
     with pytest.raises(KeyboardInterrupt):
         run_export(ExportOptions(model=str(tiny_dir), precision="fp16", out=out, verify=False))
-    # The old manifest is gone, so nothing presents the half-replaced folder as finished.
-    assert not (out / MANIFEST_NAME).exists()
-    assert not list(out.glob("*.tmp"))
+    # The new export was staged beside the folder and removed; the old one is untouched and loads.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     from trtvae import OrtVae
-    from trtvae.manifest import ManifestError
 
-    with pytest.raises(ManifestError, match="not a finished trtvae export"):
-        OrtVae.from_pretrained(out)
+    assert OrtVae.from_pretrained(out).manifest["precision"] == "fp32"
 
 
 def test_reexport_removes_stale_files(tmp_path, tiny_dir):

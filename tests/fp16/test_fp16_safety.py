@@ -97,7 +97,8 @@ def no_rescale_dir(planted_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("planted_no_rescale")
     with pytest.raises(VerificationError):
         run_export(_opts(model=str(planted_dir), out=out, rescale=False))
-    return out
+    assert not any(out.iterdir())  # --out is never written to; the files are kept for inspection beside it
+    return out.parent / f"{out.name}.inspect"
 
 
 @pytest.fixture(scope="module")

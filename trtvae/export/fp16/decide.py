@@ -10,7 +10,7 @@ import math
 
 from ...errors import ExportError, VerificationError
 from .audit import AuditResult
-from .limits import FP16_MAX, RESCALE_TOLERANCE
+from .limits import FP16_MAX, NORM_VAR_LIMIT, RESCALE_TOLERANCE
 
 
 class Action(enum.Enum):
@@ -54,19 +54,45 @@ def judge_rescaled(before: AuditResult, after: AuditResult) -> float:
     return rel
 
 
-def check_verify_against_audit(record: dict, verify: dict) -> None:
-    """A passing verify must not stand where the audit measured overflow in the graph that was exported.
+class Fp16OverflowError(VerificationError):
+    """The audited fp16 graph holds values above 65504: never a loadable export, whatever verify says."""
 
-    ONNX Runtime's CPU kernels run parts of an fp16 graph in fp32 (a residual Add feeding an
+
+def overflow_gate(record: dict, verify: dict | None = None) -> str | None:
+    """Why the exported fp16 graph must not become an export (one line), or None when it fits fp16.
+
+    Judged on the audit of the graph that is exported (the rescaled copy where rescaling ran), not on
+    verify: ONNX Runtime's CPU kernels run parts of an fp16 graph in fp32 (a residual Add feeding an
     InstanceNormalization, measured: 1.4e5 stays finite there), so its verify can pass on a graph
-    that gives NaN on fp16 runtimes such as TensorRT. The audit measured the exported model itself.
+    that gives NaN on fp16 runtimes such as TensorRT; and verify may not run at all (--no-verify).
+    `verify`: the verify record, or {"status": "failed", "reason": ...}, to say what it found.
     """
     audit = record.get("audit_after_rescale") or record["audit"]
-    if verify.get("status") != "passed" or audit["max_abs"] <= FP16_MAX:
-        return
+    if audit["max_abs"] <= FP16_MAX:
+        return None
+    status = (verify or {}).get("status")
+    head = "verify passed, but the audit measured" if status == "passed" else "the audit measured"
     declared = "; the source declares force_upcast: true" if record["audit"].get("declares_force_upcast") else ""
-    raise VerificationError(
-        f"verify passed, but the audit measured |activation| {audit['max_abs']:.4g} > {FP16_MAX:g} at "
-        f"{audit['worst_layer']} in the exported fp16 graph{declared}: ONNX Runtime's CPU kernels run parts of "
-        "an fp16 graph in fp32 and hide it; fp16 runtimes (TensorRT) would give NaN. Export with the exact rescaling "
-        "(without --no-rescale) or with --precision bf16 or fp32. No manifest was written")
+    found = {"failed": f"; verify failed too ({(verify or {}).get('reason')})",
+             "passed": "", None: ""}.get(status, f"; verify {str(status).replace('_', ' ')}")
+    fix = ("export with the exact rescaling (without --no-rescale) or with --precision bf16 or fp32"
+           if audit.get("rescale_possible") else "export with --precision bf16 or fp32")
+    return (f"fp16 overflow: {head} |activation| {audit['max_abs']:.6g} > {FP16_MAX:g} at {audit['worst_layer']} "
+            f"in the exported fp16 graph{declared}: fp16 runtimes (TensorRT) would give NaN there, whatever ONNX "
+            f"Runtime's CPU kernels show{found}. No manifest was written: {fix}")
+
+
+def norms_over_limit(audit: AuditResult) -> list:
+    """GroupNorms whose measured variance (`norm_var_max`) does not fit fp16, worst first."""
+    over = [s for s in audit.layers if s.norm_var_max is not None and s.norm_var_max > NORM_VAR_LIMIT]
+    return sorted(over, key=lambda s: s.norm_var_max, reverse=True)
+
+
+def needs_fp32_norm(audit: AuditResult) -> str | None:
+    """Why GroupNorm statistics must be kept in fp32 in this model's fp16 graph (one phrase), or None."""
+    over = norms_over_limit(audit)
+    if not over:
+        return None
+    return (f"GroupNorm variance {over[0].norm_var_max:.3g} at {over[0].name} (and {len(over) - 1} more) "
+            f"exceeds {NORM_VAR_LIMIT:g}" if len(over) > 1 else
+            f"GroupNorm variance {over[0].norm_var_max:.3g} at {over[0].name} exceeds {NORM_VAR_LIMIT:g}")

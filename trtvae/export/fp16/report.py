@@ -12,6 +12,7 @@ from ...files import atomic_path
 from ..plots import pyplot, save_png
 from ..progress import console
 from .audit import AuditResult
+from .decide import needs_fp32_norm
 from .limits import ACT_TARGET, FP16_MAX, HEADROOM_BITS
 
 AUDIT_JSON = "fp16_audit.json"
@@ -67,6 +68,9 @@ def verdict_line(result: AuditResult) -> str:
     head = "[green]fp16 safe[/]" if result.fp16_safe else "[red]fp16 UNSAFE[/]"
     norm = ("" if result.norm_stats_fp16_safe else
             f"; GroupNorm statistics exceed fp16 by {-result.norm_margin_bits:.1f} bits if kept in fp16")
+    var = needs_fp32_norm(result)
+    if var:  # judged, not only recorded: the export acts on it
+        norm += f"; {var}: an fp16 export keeps GroupNorm statistics in fp32 automatically"
     return (f"{head}: margin {_fmt_bits(result.margin_bits)} bits{where}{norm}. "
             f"Recommendation: {result.recommendation} — {result.advice()}{_force_upcast_note(result)}")
 

@@ -12,7 +12,7 @@ from ... import defaults
 from ...errors import ExportError
 from ..progress import console, stage
 from .audit import AuditResult, audit_model
-from .decide import Action, decide, judge_rescaled
+from .decide import Action, decide, judge_rescaled, needs_fp32_norm
 from .limits import ACT_TARGET, FP16_MAX
 from .report import AUDIT_JSON, AUDIT_PNG, plot_audit, print_audit, write_audit_files, write_json
 from .rescale import choose_exponents, rescaled_copy
@@ -76,11 +76,11 @@ def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = Tr
         record["audit_after_rescale"] = after.summary()
         console.print(f"Rescaled {len(done.exponents)} activation groups by powers of two: "
                       f"max |activation| {done.summary['max_abs_before']:.4g} → {done.summary['max_abs_after']:.4g}")
-    # Above 65504 the export fails after verify whatever verify says (decide.check_verify_against_audit):
-    # the flags then export the graph for inspection only, and say so up front.
+    # Above 65504 the export writes no manifest whatever verify says (decide.overflow_gate): the flags
+    # then export the graph for inspection only, and say so up front.
     doomed = audit.worst is not None and audit.worst.max_abs > FP16_MAX
-    inspect_only = (f"; the audit measured {audit.worst.max_abs:.4g} > {FP16_MAX:g}, so the export will fail "
-                    "after verify and leave the ONNX files for inspection only") if doomed else ""
+    inspect_only = (f"; the audit measured {audit.worst.max_abs:.4g} > {FP16_MAX:g}, so no manifest will be "
+                    "written and the ONNX files are kept for inspection only") if doomed else ""
     if action is Action.EXPORT_UNSAFE and not rescale_enabled:
         console.print(f"[yellow]! --no-rescale: exporting the overflowing model as it is; verify will judge it"
                       f"{inspect_only}[/]")
@@ -88,10 +88,18 @@ def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = Tr
         console.print("[yellow]! fp16 overflows where rescaling cannot reach; --fp32-norm given: exporting anyway "
                       f"(fp32 GroupNorm statistics do not fix overflowing activations), verify will judge it"
                       f"{inspect_only}[/]")
+    # The statistics of the graph that is exported are judged: the rescaled copy's where rescaling ran.
+    why = needs_fp32_norm(after or audit)
+    record["norm_stats"] = {"var_max": max((s.norm_var_max or 0.0 for s in (after or audit).layers), default=0.0),
+                            "fp32": fp32_norm or why is not None, "reason": "--fp32-norm" if fp32_norm else why}
+    if why and not fp32_norm:
+        record["fp32_norm"] = True
+        console.print(f"[yellow]! {why}: GroupNorm statistics are kept in fp32 in the fp16 graph (as --fp32-norm "
+                      "does), since TensorRT documents no fp32 accumulation for fp16 normalization[/]")
     write_audit_files(out, files, audit, after)
     if action is Action.STOP:
-        anyway = ("--no-rescale or --fp32-norm export the fp16 graph for inspection only, since activations above "
-                  f"{FP16_MAX:g} fail the export") if doomed else \
+        anyway = ("--no-rescale or --fp32-norm export the fp16 graph for inspection only (no manifest), since "
+                  f"activations above {FP16_MAX:g} never make an export") if doomed else \
             "To export the fp16 graph anyway and let verify judge it, pass --no-rescale or --fp32-norm"
         raise ExportError(f"fp16 export stopped: {audit.advice()}. {anyway}")
     return export_vae, record
