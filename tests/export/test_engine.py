@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,31 @@ def test_export_options_reach_the_manifest(tiny_fp16):
     opts = read_manifest(tiny_fp16)["export_options"]
     assert opts["precision"] == "fp16" and opts["components"] == ["decoder", "encoder"]
     assert opts["profiles"] == ["batch=1-4,resolution=512-1536"] and opts["rescale"] is True
+    # The normalized command line: non-default options only, local paths absolute, profiles as --profile.
+    assert opts["args"] == ["--model", str(Path(opts["model"]).resolve()), "--out", str(tiny_fp16.resolve()),
+                            "--profile", "batch=1-4,resolution=512-1536"]
+
+
+def test_the_rebuild_command_is_the_export_args_with_the_folder_and_engines_required(tmp_path):
+    from trtvae.export.options import ExportOptions
+    from trtvae.runtime.engine_check import rebuild_command
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
+    opts = ExportOptions(model="someone/vae", components="decoder", rescale=False, fp32_norm=True, verify=False,
+                         engines="skip", static="1024x768", batch="1-2", optimization_level=5, workspace_gib=None,
+                         images=images, subfolder="vae", allow_pickle=True)
+    opts.check()
+    manifest = {"precision": "fp16", "source": {"kind": "hub", "model": "someone/vae"},
+                "export_options": opts.as_manifest()}
+    assert rebuild_command(manifest, "out dir") == (
+        "vae-export --model someone/vae --precision fp16 --out 'out dir' --engines required --components decoder "
+        "--no-verify --no-rescale --fp32-norm --builder-optimization-level 5 --subfolder vae "
+        f"--images {images.resolve()} --allow-pickle --profile batch=1-2,static=1024x768")
+    # Any option, present or future, travels through the arguments: none is named by the rebuild command.
+    manifest["export_options"]["args"].append("--some-new-flag")
+    assert rebuild_command(manifest, "o").endswith("--profile batch=1-2,static=1024x768 --some-new-flag")
 
 
 
