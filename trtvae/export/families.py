@@ -10,12 +10,12 @@ file is (`family_of_file`).
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 from ..errors import ModelLoadError, OptionError
 
@@ -51,20 +51,14 @@ def check_name(family: str | None) -> str | None:
     return family
 
 
-def _config_file(name: str):
-    return resources.files("trtvae.export").joinpath(f"configs/{FAMILIES[name].config_file}")
+def config_path(name: str) -> str:
+    """The family's published config file, for diffusers' `config=` arguments (the package is installed as files)."""
+    return str(resources.files("trtvae.export").joinpath(f"configs/{FAMILIES[check_name(name)].config_file}"))
 
 
 @cache
 def _config_text(name: str) -> str:
-    return _config_file(name).read_text()
-
-
-@contextlib.contextmanager
-def config_path(name: str):
-    """The family's config.json as a file on disk, for diffusers' `config=` arguments."""
-    with resources.as_file(_config_file(check_name(name))) as path:
-        yield str(path)
+    return Path(config_path(name)).read_text()
 
 
 def family_config(name: str) -> dict:

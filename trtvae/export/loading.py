@@ -156,13 +156,12 @@ def _load_single_file(path: Path, allow_pickle: bool, family: str | None) -> Loa
     for note in notes:
         console.print(f"[yellow]![/] {escape(note)}")
     checkpoint.check(ckpt, config)
-    with families.config_path(family) as published:
-        try:
-            vae = AutoencoderKL.from_single_file(ckpt.state, config=published, torch_dtype=torch.float32,
-                                                 **ckpt.architecture)
-        except (ValueError, RuntimeError) as e:  # the check passed, so this is a loading gap, not the user's file
-            raise ModelLoadError(f"{path.name}: its tensors fit the {family} architecture but could not be loaded: "
-                                 f"{first_line(e, 300)}") from e
+    try:  # the family's published config, with the architecture read from the tensors
+        vae = AutoencoderKL.from_single_file(ckpt.state, config=families.config_path(family),
+                                             torch_dtype=torch.float32, **ckpt.architecture)
+    except (ValueError, RuntimeError) as e:  # the check passed, so this is a loading gap, not the user's file
+        raise ModelLoadError(f"{path.name}: its tensors fit the {family} architecture but could not be loaded: "
+                             f"{first_line(e, 300)}") from e
     return LoadedVae(
         vae.eval().requires_grad_(False),
         path.stem,
