@@ -29,6 +29,8 @@ class Probe:
             return "TensorRT is not installed (pip install tensorrt, or the .[gpu] extra)"
         if self.polygraphy is None:
             return "Polygraphy is not installed (pip install polygraphy)"
+        if self.polygraphy.startswith("does not import"):
+            return f"Polygraphy {self.polygraphy}"
         if not self.gpu:
             return "no CUDA GPU is visible to torch"
         if self.tensorrt_error:
