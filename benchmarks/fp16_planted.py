@@ -1,10 +1,11 @@
 """The planted-overflow figures of docs/fp16-safety.md and the README, from one run.
 
-    python benchmarks/fp16_planted.py [--lowest 12] [--no-fp32-norm] [--keep DIR]
+    python benchmarks/fp16_planted.py [--lowest 14] [--no-fp32-norm] [--keep DIR]
 
 The SDXL-architecture demo (`--model demo`: seeded random weights) is fp16 safe. Planting
-multiplies each rescaling variable by 2^lowest, 2^(lowest+1), 2^(lowest+2) in turn (the exact
-rescaling, inverted: `trtvae.export.rescale.plant_overflow`), so fp32 outputs stay
+(tests/fp16/planting.py, shared with the tests) multiplies one named stretch of the residual
+stream by 2^lowest in the decoder and 2^(lowest+1) in the encoder (exactly: the convs writing it
+× 2^k, the norms reading it eps × 4^k, the conv ending it × 2^-k), so fp32 outputs stay
 bit-identical and fp16 overflows, as in the original SDXL VAE. Then four fp16 exports, each
 verified against PyTorch fp32 of the *original* demo weights on ONNX Runtime (CPU):
 
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import io
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,7 +82,8 @@ def _fmt(x, spec=".4g") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lowest", type=int, default=12, help="planted exponents cycle over lowest..lowest+2 (default 12)")
+    ap.add_argument("--lowest", type=int, default=14,
+                    help="the decoder's stream is planted × 2^lowest, the encoder's × 2^(lowest+1) (default 14)")
     ap.add_argument("--no-fp32-norm", action="store_true", help="skip row 4 (rescaled + --fp32-norm, decoder)")
     ap.add_argument("--keep", type=Path, default=None, help="write the planted model and the exports here")
     args = ap.parse_args()
@@ -91,7 +94,8 @@ def main() -> None:
     from trtvae.export.options import ExportOptions
     from trtvae.export.run import run_export
     from trtvae.export.progress import timings
-    from trtvae.export.fp16.rescale import plant_overflow
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fp16"))
+    from planting import plant_overflow
     from trtvae.export.verify import sample_images, sample_latents
     from trtvae.metrics import compare
 
@@ -114,7 +118,7 @@ def main() -> None:
     planted_dir = work / "planted_vae"
     planted.save_pretrained(planted_dir)
     del planted
-    print(f"planted 2^{args.lowest}..2^{args.lowest + 2} in {time.perf_counter() - start:.1f} s; "
+    print(f"planted 2^{args.lowest} (decoder), 2^{args.lowest + 1} (encoder) in {time.perf_counter() - start:.1f} s; "
           f"fp32 outputs bit-identical to the demo's (torch.equal; decode 1x4x8x8, encode 1x3x64x64): {same}")
 
     rows = [("demo", dict(model="demo")),

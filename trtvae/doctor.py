@@ -15,7 +15,6 @@ Exit status: 0 when everything the folder needs is present here, 1 otherwise.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import platform
 import shutil
@@ -23,12 +22,8 @@ import subprocess
 from pathlib import Path
 
 from . import __version__
-from .errors import TrtvaeError, first_line
+from .errors import TrtvaeError
 from .manifest import ManifestError, component_file, engines, read_manifest
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {first_line(e, 160)}" if str(e).strip() else type(e).__name__
 
 
 def driver_version() -> str | None:
@@ -60,33 +55,11 @@ def probe_environment() -> dict:
         env["gpu"] = {"name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
                       "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count()}
 
-    trt_info: dict = {"version": None, "error": None, "builder": None}
-    if importlib.util.find_spec("tensorrt") is None:
-        trt_info["error"] = "not installed"
-    else:
-        try:
-            import tensorrt
+    from .export.environment import probe
 
-            trt_info["version"] = tensorrt.__version__
-        except Exception as e:  # the native libraries behind the bindings may be missing
-            trt_info["error"] = f"does not import ({_first_line(e)})"
-        else:
-            if env["gpu"] is None:
-                trt_info["builder"] = "not tried: no CUDA GPU"
-            else:
-                from .export.engine import builder_problem
-
-                trt_info["builder"] = builder_problem(tensorrt) or "ok"
-    env["tensorrt"] = trt_info
-
-    env["polygraphy"] = None
-    if importlib.util.find_spec("polygraphy") is not None:
-        try:
-            import polygraphy
-
-            env["polygraphy"] = polygraphy.__version__
-        except Exception as e:
-            env["polygraphy"] = f"does not import ({_first_line(e)})"
+    found = probe()  # the only TensorRT builder this command creates
+    env["tensorrt"] = {"version": found.tensorrt, "error": found.tensorrt_error, "builder": found.builder_status}
+    env["polygraphy"] = found.polygraphy
 
     ort: dict = {"version": None, "providers": []}
     with contextlib.suppress(ImportError):
@@ -94,11 +67,7 @@ def probe_environment() -> dict:
 
         ort = {"version": onnxruntime.__version__, "providers": list(onnxruntime.get_available_providers())}
     env["onnxruntime"] = ort
-
-    from .export.engine import engines_unavailable_reason
-
-    reason = engines_unavailable_reason()
-    env["builds_here"] = {"onnx": True, "tensorrt_engines": reason is None, "why_not": reason}
+    env["builds_here"] = {"onnx": True, "tensorrt_engines": found.why_not is None, "why_not": found.why_not}
     return env
 
 

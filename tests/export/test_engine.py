@@ -1,5 +1,7 @@
-"""The export's engine stage where TensorRT is absent, and the post-build precision check on inspector-shaped JSON."""
+"""The export's engine stage where TensorRT is absent, the post-build I/O type check, the timing cache, the probe."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,31 @@ def test_export_options_reach_the_manifest(tiny_fp16):
     opts = read_manifest(tiny_fp16)["export_options"]
     assert opts["precision"] == "fp16" and opts["components"] == ["decoder", "encoder"]
     assert opts["profiles"] == ["batch=1-4,resolution=512-1536"] and opts["rescale"] is True
+    # The normalized command line: non-default options only, local paths absolute, profiles as --profile.
+    assert opts["args"] == ["--model", str(Path(opts["model"]).resolve()), "--out", str(tiny_fp16.resolve()),
+                            "--profile", "batch=1-4,resolution=512-1536"]
+
+
+def test_the_rebuild_command_is_the_export_args_with_the_folder_and_engines_required(tmp_path):
+    from trtvae.export.options import ExportOptions
+    from trtvae.runtime.engine_check import rebuild_command
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
+    opts = ExportOptions(model="someone/vae", components="decoder", rescale=False, fp32_norm=True, verify=False,
+                         engines="skip", static="1024x768", batch="1-2", optimization_level=5, workspace_gib=None,
+                         images=images, subfolder="vae", allow_pickle=True)
+    opts.check()
+    manifest = {"precision": "fp16", "source": {"kind": "hub", "model": "someone/vae"},
+                "export_options": opts.as_manifest()}
+    assert rebuild_command(manifest, "out dir") == (
+        "vae-export --model someone/vae --precision fp16 --out 'out dir' --engines required --components decoder "
+        "--no-verify --no-rescale --fp32-norm --builder-optimization-level 5 --subfolder vae "
+        f"--images {images.resolve()} --allow-pickle --profile batch=1-2,static=1024x768")
+    # Any option, present or future, travels through the arguments: none is named by the rebuild command.
+    manifest["export_options"]["args"].append("--some-new-flag")
+    assert rebuild_command(manifest, "o").endswith("--profile batch=1-2,static=1024x768 --some-new-flag")
 
 
 
@@ -39,143 +66,19 @@ def test_export_says_in_one_line_which_engines_were_not_built(tmp_path, tiny_dir
     assert "engines not built" not in capsys.readouterr().out
 
 
-# --- the post-build precision check, on inspector output shaped as TensorRT writes it ------------
-class _FakeEngine:
-    """Just enough of ICudaEngine for check_engine_precision: a context and an inspector's JSON."""
-
-    def __init__(self, layers, context=True):
-        self.layers = layers
-        self.context = context
-        self.strategies = []
-
-    def create_execution_context(self, strategy="DEFAULT"):
-        self.strategies.append(strategy)
-        if not self.context:
-            return None  # what the bindings return when TensorRT cannot allocate
-        return type("Ctx", (), {"set_input_shape": lambda self, name, shape: name == "latent_sample"})()
-
-    def create_engine_inspector(self):
-        import json
-
-        layers = self.layers
-        return type("Insp", (), {"execution_context": None,
-                                 "get_engine_information": lambda self, fmt: json.dumps({"Layers": layers})})()
-
-
-_FAKE_TRT = type("trt", (), {"LayerInformationFormat": type("F", (), {"JSON": 1}),
-                             "ExecutionContextAllocationStrategy": type("S", (), {"USER_MANAGED": "USER_MANAGED"})})
-_IO16 = [{"name": "latent_sample", "dtype": "HALF"}, {"name": "sample", "dtype": "HALF"}]
-
-
-def test_layer_precision_reads_the_inspectors_formats():
-    from trtvae.export.engine import layer_precision
-
-    assert layer_precision("Row major linear FP16 format") == "fp16"
-    assert layer_precision("Half") == "fp16"
-    assert layer_precision("Channel major FP32 format where channel % 4 == 0") == "fp32"
-    assert layer_precision("Float") == "fp32"
-    assert layer_precision("BFloat16") == "bf16"
-    assert layer_precision("N/A due to dynamic shapes") is None
-
-
-def test_engine_precision_check_catches_fp32_convolutions():
+def test_engine_io_dtypes_must_carry_the_precision():
     from trtvae.errors import ExportError
-    from trtvae.export.engine import check_engine_precision
+    from trtvae.export.engine import check_io_dtypes
 
-    fp16_layers = [
-        {"Name": "conv_in", "LayerType": "CaskConvolution", "Weights": {"Type": "Half"}},
-        {"Name": "up.conv", "LayerType": "CaskConvolution", "Outputs": [{"Format/Datatype": "Row major FP16"}]},
-        {"Name": "__myl_ConvAddMul", "LayerType": "kgen", "Metadata": "[ONNX Layer: node_Conv_12]",
-         "Weights": {"Type": "Half"}},
-        # A fused region naming a conv whose output is an fp32-norm Cast: not judged by that output.
-        {"Name": "__myl_CastConvNorm", "LayerType": "kgen", "Metadata": "[ONNX Layer: node_conv2d_3]",
-         "Outputs": [{"Format/Datatype": "Float"}]},
-        {"Name": "softmax", "LayerType": "Softmax", "Outputs": [{"Format/Datatype": "Float"}]},
-    ]
-    spec = SPECS["decoder"]
-    counts = check_engine_precision(_FAKE_TRT, _FakeEngine(fp16_layers), _IO16, "fp16", spec, [1, 4, 8, 8])
-    assert counts == {"fp16": 3, "unknown": 1}
-    fp32_layers = fp16_layers + [{"Name": "conv_out", "LayerType": "CaskConvolution", "Weights": {"Type": "Float"}}]
-    with pytest.raises(ExportError, match="1 convolution layers are not fp16, e.g. conv_out"):
-        check_engine_precision(_FAKE_TRT, _FakeEngine(fp32_layers), _IO16, "fp16", spec, [1, 4, 8, 8])
-    with pytest.raises(ExportError, match="I/O is"):
-        check_engine_precision(_FAKE_TRT, _FakeEngine(fp16_layers), [{"name": "latent_sample", "dtype": "FLOAT"}],
-                               "fp16", spec, [1, 4, 8, 8])
-
-
-# --- issue 11 -----------------------------------------------------------------------------------
-def _as_trt11(layers):
-    """The same layers as TensorRT 11 writes them: "Datatype" and "Format" apart, weights under "Constants"."""
-    out = []
-    for layer in layers:
-        layer = dict(layer)
-        if "Weights" in layer:
-            layer["Constants"] = [{"Name": f"{layer['Name']}.weight", "Datatype": layer.pop("Weights")["Type"]}]
-        if "Outputs" in layer:
-            layer["Outputs"] = [{"Name": "t", "Datatype": o["Format/Datatype"].split()[-1]
-                                 if "FP16" in o["Format/Datatype"] else o["Format/Datatype"], "Format": "Row major"}
-                                for o in layer["Outputs"]]
-        out.append(layer)
-    return out
-
-
-_LAYERS_16 = [
-    {"Name": "conv_in", "LayerType": "CaskConvolution", "Weights": {"Type": "Half"}},
-    {"Name": "up.conv", "LayerType": "CaskConvolution", "Outputs": [{"Format/Datatype": "Row major FP16"}]},
-    {"Name": "__myl_ConvAddMul", "LayerType": "kgen", "Metadata": "[ONNX Layer: node_Conv_12]",
-     "Weights": {"Type": "Half"}},
-    {"Name": "softmax", "LayerType": "Softmax", "Outputs": [{"Format/Datatype": "Float"}]},
-]
-
-
-@pytest.mark.parametrize("layout", ["10.x", "11.x"])
-def test_engine_precision_check_reads_both_inspector_layouts(layout):
-    from trtvae.errors import ExportError
-    from trtvae.export.engine import check_engine_precision
-
-    convert = _as_trt11 if layout == "11.x" else list
-    spec = SPECS["decoder"]
-    counts = check_engine_precision(_FAKE_TRT, _FakeEngine(convert(_LAYERS_16)), _IO16, "fp16", spec, [1, 4, 8, 8])
-    assert counts == {"fp16": 3}
-    for bad in ({"Name": "conv_out", "LayerType": "CaskConvolution", "Weights": {"Type": "Float"}},
-                {"Name": "conv_out", "LayerType": "CaskConvolution", "Outputs": [{"Format/Datatype": "Float"}]}):
-        with pytest.raises(ExportError, match="1 convolution layers are not fp16, e.g. conv_out"):
-            check_engine_precision(_FAKE_TRT, _FakeEngine(convert(_LAYERS_16 + [bad])), _IO16, "fp16", spec,
-                                   [1, 4, 8, 8])
-    if layout == "11.x":  # the split layout as such, not only the converted one
-        layer = {"Name": "c", "LayerType": "CaskConvolution", "Outputs": [{"Datatype": "Float", "Format": "Linear"}]}
-        with pytest.raises(ExportError, match="e.g. c"):
-            check_engine_precision(_FAKE_TRT, _FakeEngine([layer]), _IO16, "fp16", spec, [1, 4, 8, 8])
-        # fp16 weights with a wider bias beside them: a correct engine, never rejected.
-        mixed = {"Name": "m", "LayerType": "CaskConvolution",
-                 "Constants": [{"Name": "w", "Datatype": "Half"}, {"Name": "b", "Datatype": "Float"}]}
-        assert check_engine_precision(_FAKE_TRT, _FakeEngine([mixed]), _IO16, "fp16", spec, [1, 4, 8, 8]) == \
-            {"fp16": 1}
-
-
-def test_weight_and_format_readers():
-    from trtvae.export.engine import tensor_format, weight_precisions
-
-    assert tensor_format({"Format/Datatype": "Row major linear FP16 format"}) == "Row major linear FP16 format"
-    assert tensor_format({"Datatype": "Half", "Format": "Row major linear"}) == "Half Row major linear"
-    assert tensor_format("N/A") == "" and tensor_format({}) == ""
-    assert weight_precisions({"Weights": {"Type": "Half"}}) == {"fp16"}
-    assert weight_precisions({"Constants": [{"Datatype": "Float"}, {"Format/Datatype": "Half"}]}) == {"fp32", "fp16"}
-    assert weight_precisions({"Constants": {"weight": {"Datatype": "BFloat16"}}}) == {"bf16"}
-    assert weight_precisions({"Constants": {"Name": "w", "Datatype": "Half"}}) == {"fp16"}
-    assert weight_precisions({"Constants": "nonsense", "Weights": "x"}) == set()  # unknown stays unknown
-
-
-def test_inspector_context_is_user_managed_and_its_absence_is_an_error():
-    from trtvae.errors import ExportError
-    from trtvae.export.engine import check_engine_precision
-
-    engine = _FakeEngine(_LAYERS_16)
-    check_engine_precision(_FAKE_TRT, engine, _IO16, "fp16", SPECS["decoder"], [1, 4, 8, 8])
-    assert engine.strategies == ["USER_MANAGED"]
-    with pytest.raises(ExportError, match="could not create an execution context to inspect the decoder engine"):
-        check_engine_precision(_FAKE_TRT, _FakeEngine(_LAYERS_16, context=False), _IO16, "fp16", SPECS["decoder"],
-                               [1, 4, 8, 8])
+    io16 = [{"name": "latent_sample", "dtype": "HALF"}, {"name": "sample", "dtype": "HALF"}]
+    check_io_dtypes(io16, "fp16", "decoder")
+    check_io_dtypes([{"name": "sample", "dtype": "BF16"}], "bf16", "encoder")
+    # An fp32 ONNX builds an fp32 engine without a word from TensorRT: caught here.
+    with pytest.raises(ExportError, match=r"decoder engine I/O is latent_sample=FLOAT, sample=FLOAT, expected HALF "
+                                          r"for fp16"):
+        check_io_dtypes([{**t, "dtype": "FLOAT"} for t in io16], "fp16", "decoder")
+    with pytest.raises(ExportError, match="sample=HALF, expected FLOAT for fp32"):
+        check_io_dtypes(io16[1:], "fp32", "decoder")
 
 
 HERE = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "10.16.1.11"}
@@ -223,7 +126,7 @@ def _fake_tensorrt(monkeypatch, builder):
     trt = types.ModuleType("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     trt.__version__ = "10.8.0.43"
-    trt.Logger = type("Logger", (), {"ERROR": 1, "__init__": lambda self, severity: None})
+    trt.Logger = type("Logger", (), {"ERROR": 1, "WARNING": 2, "__init__": lambda self, severity: None})
     trt.Builder = builder
     pg = types.ModuleType("polygraphy")
     pg.__spec__ = importlib.machinery.ModuleSpec("polygraphy", None)
@@ -252,8 +155,13 @@ def test_a_builder_that_cannot_be_created_skips_engines_with_a_reason(monkeypatc
         ExportOptions(out=tmp_path / "x", engines="required").check()
     _fake_tensorrt(monkeypatch, lambda logger: None)
     assert "returned no builder" in engines_unavailable_reason()
-    _fake_tensorrt(monkeypatch, lambda logger: object())
+    made = []
+    _fake_tensorrt(monkeypatch, lambda logger: made.append(logger) or object())
     assert engines_unavailable_reason() is None
+    # The option check, the engine stage and every build ask again: one builder serves them all.
+    from trtvae.export.environment import probe
+
+    assert engines_unavailable_reason() is None and probe().builder is probe().builder and len(made) == 1
 
 
 def test_the_timing_cache_record_reaches_the_manifest(monkeypatch, tmp_path):

@@ -1,7 +1,9 @@
 """Where a VAE comes from: `demo`, a Hub repo id, a local diffusers folder, or one .safetensors file.
 
-Every source ends as an fp32 `AutoencoderKL` in eval mode on the CPU, plus a description
-of where it came from for the manifest, including its family (families.py) where it has one.
+`load_vae` decides which of them `model` is and reads it; the family it belongs to is asked of
+families.py once (by its config, or by the architecture a weights file's tensors hold, which
+checkpoint.py reads). Every source ends as an fp32 `AutoencoderKL` in eval mode on the CPU, plus a
+description of where it came from for the manifest.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from rich.markup import escape
 from .. import defaults
 from ..errors import ModelLoadError, first_line
 from ..files import sha256_file
-from . import families
+from . import checkpoint, families
 from .progress import console
 
 DEMO = "demo"
@@ -129,8 +131,7 @@ def _load_folder(folder: Path, allow_pickle: bool, name: str | None = None, kind
     config = json.loads((folder / "config.json").read_text())
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise ModelLoadError(f"{folder}/config.json describes a {config['_class_name']}, expected AutoencoderKL")
-    if family is not None:
-        families.check_against(config, family, f"{folder}/config.json")
+    family = families.family_of_config(config, family, f"{folder}/config.json")
     weights, variant = _find_weights(folder, allow_pickle)
     try:
         vae = AutoencoderKL.from_pretrained(
@@ -141,50 +142,32 @@ def _load_folder(folder: Path, allow_pickle: bool, name: str | None = None, kind
     return LoadedVae(
         vae.eval().requires_grad_(False),
         name,
-        {"kind": kind, "model": model or str(folder.resolve()), "family": family or families.identify(config),
+        {"kind": kind, "model": model or str(folder.resolve()), "family": family,
          **_declared(config), "weights_file": weights.name, "weights_sha256": sha256_file(weights)},
     )
 
 
 def _load_single_file(path: Path, allow_pickle: bool, family: str | None) -> LoadedVae:
-    state = _read_state(path, allow_pickle)
-    vae_state, prefix = families.strip_prefix(state)
-    vae_state, dropped = families.drop_training_tensors(vae_state)
-    if dropped:
-        console.print(f"[yellow]![/] {escape(path.name)}: ignoring {len(dropped)} tensors that training leaves "
-                      f"behind ({', '.join(sorted({k.split('.')[0] + '.*' for k in dropped}))})")
-    fmt = families.key_format(vae_state)
-    if fmt == "diffusers":
-        vae_state = families.modernize_attention(vae_state)
-    architecture = families.read_architecture(vae_state, prefix)
-    family, note = families.choose_family(architecture, family, path.name)
-    if note:
+    ckpt = checkpoint.parse(_read_state(path, allow_pickle))
+    if ckpt.dropped:
+        console.print(f"[yellow]![/] {escape(path.name)}: ignoring {len(ckpt.dropped)} tensors that training leaves "
+                      f"behind ({', '.join(sorted({k.split('.')[0] + '.*' for k in ckpt.dropped}))})")
+    family, config, notes, assumed = families.family_of_file(ckpt.architecture, family, path.name)
+    for note in notes:
         console.print(f"[yellow]![/] {escape(note)}")
-    config = families.config_for_file(architecture, family)
-    families.check_tensors(vae_state, config, fmt, prefix)
-    differs = families.differs_from_published(architecture, family)
-    if differs:
-        # Everything else comes from the family's config; norm_num_groups above all, which no tensor records.
-        console.print(f"[yellow]![/] {escape(path.name)}: {', '.join(differs)} differ from the published {family} "
-                      f"VAE's; norm_num_groups={config['norm_num_groups']} and the rest are taken from its config")
-    if fmt == "ldm":
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-        # It reads the prefix itself; every tensor was checked above, so none is dropped unseen.
-        vae_state = convert_ldm_vae_checkpoint({prefix + k: v for k, v in vae_state.items()}, config)
-    vae = AutoencoderKL.from_config(config)
-    try:
-        vae.load_state_dict({k: v.float() for k, v in vae_state.items()}, strict=True)
-    except RuntimeError as e:  # check_tensors passed, so this is a conversion gap, not the user's file
-        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).strip())
+    checkpoint.check(ckpt, config)
+    try:  # the family's published config, with the architecture read from the tensors
+        vae = AutoencoderKL.from_single_file(ckpt.state, config=families.config_path(family),
+                                             torch_dtype=torch.float32, **ckpt.architecture)
+    except (ValueError, RuntimeError) as e:  # the check passed, so this is a loading gap, not the user's file
         raise ModelLoadError(f"{path.name}: its tensors fit the {family} architecture but could not be loaded: "
-                             f"{detail[:300]}") from e
+                             f"{first_line(e, 300)}") from e
     return LoadedVae(
         vae.eval().requires_grad_(False),
         path.stem,
-        {"kind": "file", "model": str(path.resolve()), "family": family, "family_assumed": note is not None,
-         "key_names": fmt,
-         **_declared(config), "weights_sha256": sha256_file(path)},
+        {"kind": "file", "model": str(path.resolve()), "family": family,
+         "family_assumed": assumed,
+         "key_names": ckpt.key_names, **_declared(config), "weights_sha256": sha256_file(path)},
     )
 
 

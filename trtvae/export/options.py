@@ -5,7 +5,8 @@ from this dataclass and the API and the CLI cannot drift apart.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .. import defaults
@@ -146,9 +147,33 @@ class ExportOptions:
         opt = f",opt={self.opt}" if self.opt is not None else ""
         return [f"batch={self.batch},resolution={self.resolution}{opt}"]
 
+    def export_args(self) -> list:
+        """This export's command line, normalized: each option that differs from its default, by its flag.
+
+        The engine profiles appear as --profile texts and local paths as absolute ones, so the command
+        means the same on another machine. Read from the fields' own flags: the rebuild command
+        (runtime/engine_check.py) is derived from this list and names no option itself.
+        """
+        args = []
+        for f in fields(self):
+            spec, value = f.metadata["cli"], getattr(self, f.name)
+            # None (e.g. no workspace cap, API only) has no command-line spelling: the default stands in.
+            if f.name in _PROFILE_FIELDS or value is None or _text(value) == _text(f.default):
+                continue
+            flag, action = spec["flags"][0], spec["kwargs"].get("action")
+            if action == "boolean_optional":
+                args.append(flag if value else "--no-" + flag[2:])
+            elif action in ("store_true", "store_false"):
+                args.append(flag)
+            else:
+                args += [flag, _text(value, path=f.name in ("model", "out", "images"))]
+        for text in self.profile_texts():
+            args += ["--profile", text]
+        return args
+
     def as_manifest(self) -> dict:
         """What was asked for, so the engines can be rebuilt elsewhere with the same choices."""
-        return {"model": self.model, "subfolder": self.subfolder, "family": self.family,
+        return {"args": self.export_args(), "model": self.model, "subfolder": self.subfolder, "family": self.family,
                 "images": None if self.images is None else str(Path(self.images).resolve()), "precision": self.precision,
                 "components": list(self.components), "rescale": self.rescale, "fp32_norm": self.fp32_norm,
                 "allow_pickle": self.allow_pickle, "profiles": self.profile_texts(),
@@ -171,3 +196,14 @@ class ExportOptions:
 
 
 _PROFILE_DEFAULTS = (defaults.BATCH, defaults.RESOLUTION, None, None)  # batch, resolution, opt, static
+_PROFILE_FIELDS = ("batch", "resolution", "opt", "static", "profile")  # in export_args as --profile texts
+
+
+def _text(value, path: bool = False) -> str | None:
+    """An option's value as the command line writes it; a local path made absolute."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    local = Path(os.path.expanduser(str(value)))
+    return str(local.resolve()) if path and local.exists() else str(value)

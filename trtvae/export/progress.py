@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.filesize import decimal
 
 # Logs and CI have no terminal; rich would wrap tables at 80 columns there.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -14,14 +15,6 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 # (stage title, seconds) of every finished stage in this process, for benchmarks and logs.
 timings: list = []
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 @contextlib.contextmanager
@@ -39,7 +32,7 @@ def stage(title: str):
     parts = [f"[green]✓[/] {title:<30} {took:6.1f} s"]
     path = info.get("path")
     if path is not None and Path(path).is_file():
-        parts.append(f"{human_size(Path(path).stat().st_size):>9}  {path}")
+        parts.append(f"{decimal(Path(path).stat().st_size):>9}  {path}")
     if info.get("detail"):
         parts.append(str(info["detail"]))
     console.print("  ".join(parts))

@@ -18,40 +18,53 @@ class EngineMismatchError(TrtvaeError, RuntimeError):
 
 
 def rebuild_command(manifest: dict, directory) -> str:
-    """The command that rebuilds this folder's engines, with the choices of the original export."""
-    opts = manifest.get("export_options", {})
+    """The command that rebuilds this folder's engines, with the choices of the original export.
+
+    Derived from the export's own normalized arguments (export_options["args"]); only the model,
+    the output folder and --engines are set here, and a single file's (or the demo's) family.
+    """
     src = manifest.get("source", {})
-    # Folders and files by their resolved path: the user's relative one means nothing elsewhere.
-    source = src.get("model") if src.get("kind") in ("folder", "file") else opts.get("model") or src.get("model")
-    precision = opts.get("precision", manifest.get("precision", "fp16"))
-    cmd = ["vae-export", "--model", str(source or "<model>"), "--precision", precision,
-           "--out", str(directory), "--engines", "required"]
-    if opts.get("subfolder"):
-        cmd += ["--subfolder", opts["subfolder"]]
+    opts = manifest.get("export_options", {})
+    args = opts["args"] if "args" in opts else _legacy_args(opts, manifest)
+    # The source as loaded: a folder or file by its resolved path, a Hub id, or the demo.
+    model = src.get("model") or _value(args, "--model") or "<model>"
     # A file's latent scale (and the demo's architecture) is the family it was exported as, not a default.
-    family = manifest.get("family") if src.get("kind") in ("file", "demo") else opts.get("family")
-    if family:
-        cmd += ["--family", family]
-    if opts.get("images"):
-        cmd += ["--images", opts["images"]]
+    family = manifest.get("family") if src.get("kind") in ("file", "demo") else _value(args, "--family")
+    cmd = ["vae-export", "--model", str(model), "--precision", manifest.get("precision", "fp16"),
+           "--out", str(directory), "--engines", "required", *(["--family", family] if family else [])]
+    set_here = ("--model", "--precision", "--out", "--engines", "--family")
+    kept = [a for i, a in enumerate(args) if a not in set_here and (i == 0 or args[i - 1] not in set_here)]
+    return shlex.join(cmd + kept)
+
+
+def _value(args: list, flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+
+def _legacy_args(opts: dict, manifest: dict) -> list:
+    """The arguments of a manifest written before export_options["args"], from its recorded options."""
+    args = []
+    for key, flag in (("subfolder", "--subfolder"), ("family", "--family"), ("images", "--images")):
+        if opts.get(key):
+            args += [flag, str(opts[key])]
     if opts.get("components") and sorted(opts["components"]) != ["decoder", "encoder"]:
-        cmd += ["--components", ",".join(opts["components"])]
+        args += ["--components", ",".join(opts["components"])]
     for flag, key, default in (("--no-rescale", "rescale", True), ("--fp32-norm", "fp32_norm", False),
                                ("--allow-pickle", "allow_pickle", False)):
         if opts.get(key, default) != default:
-            cmd.append(flag)
+            args.append(flag)
     profiles = opts.get("profiles")
-    if profiles is None:  # manifests written before export_options: the engines' own record
+    if profiles is None:  # written before export_options: the engines' own record
         built = list(engines(manifest).values())
         profiles = built[0].get("build", {}).get("profile_options", []) if built else []
     for p in profiles:
-        cmd += ["--profile", p]
+        args += ["--profile", p]
     level = opts.get("builder_optimization_level", defaults.BUILDER_OPTIMIZATION_LEVEL)
     if level != defaults.BUILDER_OPTIMIZATION_LEVEL:
-        cmd += ["--builder-optimization-level", str(level)]
+        args += ["--builder-optimization-level", str(level)]
     if opts.get("workspace_gib", defaults.WORKSPACE_GIB) not in (defaults.WORKSPACE_GIB, None):
-        cmd += ["--workspace", str(opts["workspace_gib"])]
-    return shlex.join(cmd)
+        args += ["--workspace", str(opts["workspace_gib"])]
+    return args
 
 
 def engine_mismatches(entry: dict, trt_version: str, capability: str) -> list:

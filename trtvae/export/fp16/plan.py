@@ -55,9 +55,6 @@ class Plan:
     # scale variable → [(audited layer name, field)], field "out" (module output) or "in" (norm input)
     members: dict = field(default_factory=dict)
 
-    def variables(self) -> list:
-        return list(self.members)
-
     def scale_of(self, layer: str, which: str = "out") -> str | None:
         for var, names in self.members.items():
             if (layer, which) in names:

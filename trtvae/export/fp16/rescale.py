@@ -57,19 +57,3 @@ def choose_exponents(plans: dict, peaks: dict, target: float = ACT_TARGET) -> di
             if peak > target:
                 exponents[var] = -math.ceil(math.log2(peak / target))
     return exponents
-
-
-def plant_exponents(plans: dict, lowest: int) -> dict:
-    """Exponents lowest, lowest+1, lowest+2, cycling over each plan's scale variables in order."""
-    return {var: lowest + i % 3 for plan in plans.values() for i, var in enumerate(plan.members)}
-
-
-def plant_overflow(vae, lowest: int = 12, components=("decoder", "encoder")):
-    """A copy of `vae` that overflows fp16 while its fp32 outputs stay bit-identical: the rescaling, inverted.
-
-    Every scale variable (residual-stream stretch, ResNet inner activation) is multiplied by
-    2^lowest, 2^(lowest+1) or 2^(lowest+2) in turn. A demonstration and test subject, as
-    the original SDXL VAE is for real: 12 overflows the SDXL architecture, 15 the tiny test VAE.
-    """
-    plans = {c: plan_for(vae, c) for c in components}
-    return rescaled_copy(vae, plans, plant_exponents(plans, lowest))
