@@ -43,6 +43,7 @@ class LayerStat:
     max_abs: float = 0.0
     input_max_abs: float | None = None
     norm_sq_max: float | None = None
+    norm_var_max: float | None = None  # the biased group variance GroupNorm computes; judged by decide.py
     scale_group: str | None = None  # the rescaling variable its output moves with; None: fixed
 
     @property
@@ -187,13 +188,14 @@ class _Recorder:
     def norm_input_hook(self, name):
         def hook(module, args):
             g = args[0].detach().reshape(args[0].shape[0], module.num_groups, -1)
-            mean = g.mean(dim=-1)
+            var, mean = torch.var_mean(g, dim=-1, correction=0)
             lo, hi = torch.aminmax(g, dim=-1)
             # The largest (x - mean)² of a group is at its min or its max: no squared copy of x needed.
             dev = torch.maximum(hi - mean, mean - lo)
             s = self.stat(name, "norm")
             s.input_max_abs = max(s.input_max_abs or 0.0, float(torch.maximum(hi.abs(), lo.abs()).amax()))
             s.norm_sq_max = max(s.norm_sq_max or 0.0, float(dev.amax()) ** 2)
+            s.norm_var_max = max(s.norm_var_max or 0.0, float(var.amax()))
         return hook
 
     def scores_hook(self, name):
