@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 
 from trtvae import OrtVae
 from trtvae.metrics import REL_L2_THRESHOLD, compare
-from trtvae.runtime.tiling import TilingNotice
+from trtvae.runtime.tiling_options import TilingNotice
 
 FP32 = REL_L2_THRESHOLD["fp32"]
 

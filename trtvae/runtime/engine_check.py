@@ -37,6 +37,7 @@ def rebuild_command(manifest: dict, directory) -> str:
     if opts.get("components") and sorted(opts["components"]) != ["decoder", "encoder"]:
         cmd += ["--components", ",".join(opts["components"])]
     for flag, key, default in (("--no-rescale", "rescale", True), ("--fp32-norm", "fp32_norm", False),
+                               ("--no-segments", "segments", True),
                                ("--allow-pickle", "allow_pickle", False)):
         if opts.get(key, default) != default:
             cmd.append(flag)

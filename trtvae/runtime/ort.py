@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..manifest import component_file
+from ..manifest import component_file, segment_bytes
 from .base import VaeRuntime
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
@@ -72,6 +72,17 @@ class OrtVae(VaeRuntime):
             return self._run_cuda(session, spec, x)
         y = session.run([spec.output_name], {spec.input_name: x.cpu().numpy()})[0]
         return torch.from_numpy(y).to(x.device)
+
+    def _run_segment(self, component: str, step, inputs: dict) -> torch.Tensor:
+        key = (component, step.index)
+        session = self._sessions.get(key)
+        if session is None:  # the bytes checked against the manifest are the bytes loaded
+            data = segment_bytes(self.directory, self.manifest, component, step.index)
+            session = _ort().InferenceSession(data, self._session_options, providers=self.providers)
+            self._sessions[key] = session
+        device = inputs["x"].device
+        feed = {name: t.detach().cpu().numpy() for name, t in inputs.items()}
+        return torch.from_numpy(session.run(["y"], feed)[0]).to(device)
 
     def _run_cuda(self, session, spec, x: torch.Tensor) -> torch.Tensor:
         # Bind torch's buffers directly so CUDA tensors never round-trip through the host.
