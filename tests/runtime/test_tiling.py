@@ -37,7 +37,9 @@ class SpyVae(OrtVae):
 
 @pytest.fixture
 def vae(tiny_fp32):
-    return SpyVae.from_pretrained(tiny_fp32)
+    v = SpyVae.from_pretrained(tiny_fp32)
+    v.tiling_mode = "blend"  # automatic tiling too compares with diffusers' here; exact: test_exact_tiling.py
+    return v
 
 
 @pytest.fixture
@@ -61,8 +63,8 @@ def _tile_like(*models, sample=None, latent=None, overlap=None, tiling=True):
             m.tile_latent_min_size = latent
         if overlap is not None:
             m.tile_overlap_factor = overlap
-        if tiling:
-            m.enable_tiling()
+        if tiling:  # ours in diffusers' own (blend) mode: these tests compare with diffusers' tiling
+            m.enable_tiling(mode="blend") if isinstance(m, OrtVae) else m.enable_tiling()
 
 
 def _assert_close(ours, theirs, bound=FP32):
@@ -195,7 +197,7 @@ def test_oversized_encode_picks_tiles_on_the_latent_grid(vae, ref):
 
 def test_user_tiles_larger_than_the_backend_max_shrink(vae, ref):
     vae.limits["decoder"] = ((1, 1), (12, 12))
-    vae.enable_tiling()  # default tile is 16 latents, over the max
+    vae.enable_tiling(mode="blend")  # default tile is 16 latents, over the max
     _tile_like(ref, sample=24, latent=12)
     z = _latents(b=1)
     with pytest.warns(TilingNotice):
