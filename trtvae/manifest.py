@@ -96,12 +96,17 @@ def component_bytes(directory, manifest: dict, component: str, key: str = "onnx"
     return data
 
 
-def segment_bytes(directory, manifest: dict, component: str, index: int) -> bytes:
-    """Segment graph `index` of a component (exact tiling), read once and checked against its sha256."""
+def segment_bytes(directory, manifest: dict, component: str, index: int, key: str | None = None) -> bytes:
+    """Segment graph `index` of a component (exact tiling), read once and checked against its sha256.
+
+    key: None for the ONNX file, or the name of a per-segment file entry ("engine": a TensorRT plan).
+    """
     try:
         step = manifest["components"][component]["segments"]["steps"][index]
+        step = step if key is None else step[key]
     except (KeyError, IndexError, TypeError):
-        raise ManifestError(f"manifest lists no segment {index} for component {component!r}") from None
+        what = f"segment {index}" + (f" {key!r} file" if key else "")
+        raise ManifestError(f"manifest lists no {what} for component {component!r}") from None
     path = _inside(Path(directory), step.get("file"), f"component {component!r} segment {index}")
     if not path.is_file():
         raise ManifestError(f"{path} is listed in the manifest but missing")

@@ -24,9 +24,15 @@ class ExactTilingMixin:
             cache[component] = read_steps(entry) if entry else None
         return cache[component]
 
+    def _exact_unavailable(self, component: str) -> str | None:
+        """Why this export and backend cannot tile `component` exactly; None when they can."""
+        if self._segment_steps(component) is None:
+            return (f"{self.directory} holds no {component} segment graphs (exported with --no-segments or by an "
+                    "older trtvae)")
+        return None
+
     def _exact_available(self, component: str) -> bool:
-        """Whether this export and backend can tile `component` exactly."""
-        return self._segment_steps(component) is not None
+        return self._exact_unavailable(component) is None
 
     def _run_segment(self, component: str, step, inputs: dict) -> torch.Tensor:
         """Run segment graph `step` of `component` on named inputs (x, mean, rstd, residual); return y."""

@@ -19,6 +19,7 @@ from .buffers import aligned, aligned_empty, graph_buffers
 from .contexts import ContextPool
 from .engine_check import EngineMismatchError, check_engine, rebuild_command
 from .streams import CaptureGate, StreamSet
+from .trt_segments import TrtSegmentsMixin
 
 
 trt = None  # the tensorrt module, imported when a TRTVae is made: `import trtvae` must work without it
@@ -89,7 +90,7 @@ def _stream_set(device: torch.device) -> StreamSet:
         return _STREAM_SETS[device.index]
 
 
-class TRTVae(VaeRuntime):
+class TRTVae(TrtSegmentsMixin, VaeRuntime):
     """The exported VAE as TensorRT engines. Same API as OrtVae (and diffusers' AutoencoderKL).
 
     Thread safety: one execution context per (component, profile), each behind a lock and with
