@@ -70,7 +70,7 @@ class Counting(OrtVae):
 
 def _tiles_of_first_tiled_step(vae, component):
     steps = vae._segment_steps(component)
-    first = next(s.index for s in steps if s.tiled)
+    first = next(s.index for s in steps if s.kind == "tiled")
     return sum(1 for c, i, _ in vae.segment_calls if c == component and i == first)
 
 
@@ -230,3 +230,16 @@ def test_export_without_segments_falls_back_to_blend_with_one_notice(tmp_path_fa
         vae.enable_tiling(mode="exact")
     with pytest.raises(ValueError, match="expected one of exact, blend"):
         vae.enable_tiling(mode="seamless")
+
+
+def test_attention_in_query_row_chunks_equals_untiled(tiny_fp32, tiny_model):
+    z = _rand((2, 4, 21, 17), seed=9)
+    vae = Counting.from_pretrained(tiny_fp32)
+    vae.attention_chunk_bytes = 1  # one query row per chunk
+    vae.tile_latent_min_size = 8
+    vae.enable_tiling()
+    ours = vae.decode(z).sample
+    rows = next(s.index for s in vae._segment_steps("decoder") if s.kind == "attention")
+    assert sum(1 for _, i, _ in vae.segment_calls if i == rows) == 21
+    with torch.no_grad():
+        assert compare(ours, tiny_model.decode(z).sample).rel_l2 <= EXACT_FP32

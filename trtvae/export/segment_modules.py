@@ -4,8 +4,9 @@ Each tiled segment starts at a GroupNorm input and runs up to the next one: the 
 statistics given from outside (`mean`, `rstd` per channel, float32), then what diffusers runs after
 it (activation, convs, the residual add, a nearest upsample or a strided downsample and their conv).
 No GroupNorm op remains inside, so a segment run on a window of the image computes exactly what the
-whole graph computes there, as long as the window holds the segment's halo. The latent-resolution
-parts (the decoder's head, the encoder's tail) hold the mid-block's global attention and run whole.
+whole graph computes there, as long as the window holds the segment's halo. The mid-block's global
+attention is cut in two: per-pixel q, k, v projections (tiled like the rest) and the attention of
+query rows against every key and value (exact in row chunks).
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from torch import nn
 
 
 class GlobalNorm(nn.Module):
-    """GroupNorm's affine step with statistics computed elsewhere: (x - mean) · rstd · γ + β, in float32."""
+    """GroupNorm's affine step with statistics computed elsewhere: (x - mean) · rstd · γ + β, in float32.
+
+    The result stays float32 through the activation that follows; it is rounded to the model's type
+    once, before the conv (fewer roundings than the whole fp16 graph, never more).
+    """
 
     def __init__(self, norm: nn.GroupNorm):
         super().__init__()
@@ -26,7 +31,7 @@ class GlobalNorm(nn.Module):
 
     def forward(self, x, mean, rstd):
         y = (x.float() - mean[:, :, None, None]) * rstd[:, :, None, None]
-        return (y * self.weight.float()[None, :, None, None] + self.bias.float()[None, :, None, None]).to(x.dtype)
+        return y * self.weight.float()[None, :, None, None] + self.bias.float()[None, :, None, None]
 
 
 class ConvIn(nn.Module):
@@ -48,7 +53,7 @@ class NormActConv(nn.Module):
         self.norm, self.act, self.conv = GlobalNorm(norm), act, conv
 
     def forward(self, x, mean, rstd):
-        return self.conv(self.act(self.norm(x, mean, rstd)))
+        return self.conv(self.act(self.norm(x, mean, rstd)).to(x.dtype))
 
 
 class ResnetTail(nn.Module):
@@ -62,22 +67,65 @@ class ResnetTail(nn.Module):
         self.resampler = resampler
 
     def forward(self, x, mean, rstd, residual):
-        h = self.conv(self.act(self.norm(x, mean, rstd)))
+        h = self.conv(self.act(self.norm(x, mean, rstd)).to(x.dtype))
         if self.shortcut is not None:
             residual = self.shortcut(residual)
         out = (residual + h) / self.scale if self.scale != 1.0 else residual + h
         return self.resampler(out) if self.resampler is not None else out
 
 
+class AttentionQKV(nn.Module):
+    """The mid-block attention's group norm and q, k, v projections: per pixel, so tiled without a halo."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.norm, self.to_q, self.to_k, self.to_v = GlobalNorm(attn.group_norm), attn.to_q, attn.to_k, attn.to_v
+
+    def forward(self, x, mean, rstd):
+        b, c, h, w = x.shape
+        n = self.norm(x, mean, rstd).to(x.dtype).reshape(b, c, h * w).transpose(1, 2)
+        qkv = torch.cat([self.to_q(n), self.to_k(n), self.to_v(n)], dim=2)
+        return qkv.transpose(1, 2).reshape(b, 3 * c, h, w)
+
+
+class AttentionRows(nn.Module):
+    """Attention of some query rows against every key and value, the output projection and the residual.
+
+    Softmax rows are independent, so running the queries in row chunks is exact; the scores held at
+    once are (rows · width) × (height · width) instead of the whole square.
+    """
+
+    def __init__(self, attn):
+        super().__init__()
+        if attn.spatial_norm is not None or attn.norm_q is not None or attn.norm_k is not None:
+            raise TypeError("exact tiling supports the VAE mid-block's plain attention only")
+        self.heads, self.to_out = attn.heads, attn.to_out[0]
+        self.residual_connection, self.rescale = attn.residual_connection, float(attn.rescale_output_factor)
+
+    def forward(self, x, kv, residual):
+        b, c, h, w = x.shape
+        d = c // self.heads
+        q = x.reshape(b, self.heads, d, h * w).transpose(2, 3)
+        k, v = kv[:, :c].reshape(b, self.heads, d, -1).transpose(2, 3), kv[:, c:].reshape(b, self.heads, d, -1)
+        # Scores and softmax in float32: a sum over every key.
+        scores = torch.softmax(torch.matmul(q.float(), k.float().transpose(2, 3)) * (d ** -0.5), dim=-1)
+        out = torch.matmul(scores, v.float().transpose(2, 3)).to(x.dtype).transpose(1, 2).reshape(b, h * w, c)
+        out = self.to_out(out).transpose(1, 2).reshape(b, c, h, w)
+        if self.residual_connection:
+            out = out + residual
+        return out / self.rescale if self.rescale != 1.0 else out
+
+
 class Sequence(nn.Module):
-    """Modules run in order, whole (the decoder's head, the encoder's tail)."""
+    """Modules run in order; the first also takes the segment's other inputs (mean, rstd)."""
 
     def __init__(self, *modules):
         super().__init__()
         self.parts = nn.ModuleList([m for m in modules if m is not None])
 
-    def forward(self, x):
-        for part in self.parts:
+    def forward(self, x, *rest):
+        x = self.parts[0](x, *rest)
+        for part in self.parts[1:]:
             x = part(x)
         return x
 
@@ -87,6 +135,7 @@ class Segment:
     """One step of a tiled component: its module and how the runtime feeds it.
 
     `source`/`residual` index earlier steps (-1: the component's input); `halo` is in input pixels;
+    an attention step's x is the q part of its source (a qkv step), its kv input the rest;
     `upscale`/`downscale` relate output to input size; `align`: window starts are multiples of it.
     """
 
@@ -97,7 +146,7 @@ class Segment:
     source: int
     residual: int | None = None
     norm: dict | None = None
-    tiled: bool = True
+    kind: str = "tiled"  # "tiled", "whole", or "attention" (query rows against all keys and values)
     halo: int = 0
     upscale: int = 1
     downscale: int = 1
@@ -140,6 +189,20 @@ def _resnet_segments(resnet, name: str, resampler, kind: str, steps: list) -> No
     steps.append(seg)
 
 
+def _mid_block_segments(mid, steps: list) -> None:
+    """The mid-block: resnet, (attention, resnet)*, each attention as a per-pixel qkv step and a rows step."""
+    _resnet_segments(mid.resnets[0], "mid_block.resnets.0", None, None, steps)
+    for i, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+        if attn is not None:
+            source = len(steps) - 1
+            channels = steps[source].out_channels
+            steps.append(Segment(f"mid_block.attentions.{i}.qkv", AttentionQKV(attn), channels, 3 * channels,
+                                 source=source, norm=_norm_info(attn.group_norm)))
+            steps.append(Segment(f"mid_block.attentions.{i}.rows", AttentionRows(attn), channels, channels,
+                                 source=len(steps) - 1, residual=source, kind="attention"))
+        _resnet_segments(resnet, f"mid_block.resnets.{i + 1}", None, None, steps)
+
+
 def _resampler(block, attr: str):
     found = getattr(block, attr, None)
     if not found:
@@ -150,14 +213,14 @@ def _resampler(block, attr: str):
 
 
 def decoder_segments(vae) -> list:
-    """The decoder as steps: the head (post_quant_conv, conv_in, mid-block) whole, the up path in segments."""
+    """The decoder as steps: post_quant_conv and conv_in, the mid-block, the up path, norm_out and conv_out."""
     dec = vae.decoder
     if getattr(dec, "conv_norm_out", None) is None or not isinstance(dec.conv_norm_out, nn.GroupNorm):
         raise TypeError("exact tiling needs a decoder ending in a GroupNorm (spatial norm decoders are not supported)")
-    head_in = getattr(vae, "post_quant_conv", None)
-    mid_channels = dec.conv_in.out_channels
-    steps = [Segment("head", Sequence(head_in, dec.conv_in, _MidBlock(dec.mid_block)),
-                     dec.conv_in.in_channels, mid_channels, source=-1, tiled=False)]
+    _check_conv3(dec.conv_in, "decoder.conv_in")
+    steps = [Segment("conv_in", Sequence(getattr(vae, "post_quant_conv", None), dec.conv_in),
+                     dec.conv_in.in_channels, dec.conv_in.out_channels, source=-1, halo=1)]
+    _mid_block_segments(dec.mid_block, steps)
     for b, block in enumerate(dec.up_blocks):
         up = _resampler(block, "upsamplers")
         for r, resnet in enumerate(block.resnets):
@@ -172,7 +235,7 @@ def decoder_segments(vae) -> list:
 
 
 def encoder_segments(vae) -> list:
-    """The encoder as steps: conv_in and the down path in segments, the tail (mid-block onwards) whole."""
+    """The encoder as steps: conv_in, the down path, the mid-block, norm_out with conv_out and quant_conv."""
     enc = vae.encoder
     _check_conv3(enc.conv_in, "encoder.conv_in")
     steps = [Segment("conv_in", ConvIn(enc.conv_in), enc.conv_in.in_channels, enc.conv_in.out_channels,
@@ -183,20 +246,11 @@ def encoder_segments(vae) -> list:
             last = r == len(block.resnets) - 1
             _resnet_segments(resnet, f"down_blocks.{b}.resnets.{r}", down if last else None,
                              "down" if last and down is not None else None, steps)
-    tail = Sequence(_MidBlock(enc.mid_block), enc.conv_norm_out, enc.conv_act, enc.conv_out,
-                    getattr(vae, "quant_conv", None))
-    out_channels = vae.quant_conv.out_channels if getattr(vae, "quant_conv", None) is not None \
-        else enc.conv_out.out_channels
-    steps.append(Segment("tail", tail, steps[-1].out_channels, out_channels, source=len(steps) - 1, tiled=False))
+    _mid_block_segments(enc.mid_block, steps)
+    _check_conv3(enc.conv_out, "encoder.conv_out")
+    quant = getattr(vae, "quant_conv", None)
+    out = Sequence(NormActConv(enc.conv_norm_out, enc.conv_act, enc.conv_out), quant)
+    steps.append(Segment("norm_out", out, enc.conv_out.in_channels,
+                         quant.out_channels if quant is not None else enc.conv_out.out_channels,
+                         source=len(steps) - 1, norm=_norm_info(enc.conv_norm_out), halo=1))
     return steps
-
-
-class _MidBlock(nn.Module):
-    """diffusers' mid-block without the optional temb argument, so it can sit in a Sequence."""
-
-    def __init__(self, mid):
-        super().__init__()
-        self.mid = mid
-
-    def forward(self, x):
-        return self.mid(x)

@@ -46,6 +46,9 @@ def _example(seg, dtype):
     if seg.norm is not None:
         args += [torch.randn(2, seg.in_channels, generator=g), torch.rand(2, seg.in_channels, generator=g) + 0.5]
         axes.update(mean={0: "batch"}, rstd={0: "batch"})
+    if seg.kind == "attention":  # x: query rows; kv: every key and value
+        args.append(torch.randn(2, 2 * seg.in_channels, 2 * h, w, generator=g).to(dtype))
+        axes["kv"] = {0: "batch", 2: "kv_height", 3: "width"}
     if seg.residual is not None:
         # The residual is the resnet's input, cut with the same window as x.
         args.append(torch.randn(2, seg.extra["residual_channels"], h, w, generator=g).to(dtype))
@@ -85,17 +88,18 @@ def export_segments(export_vae, component: str, precision: str, out: Path, fp32_
     for index, seg in enumerate(steps):
         if seg.residual is not None:
             seg.extra["residual_channels"] = steps[seg.residual].out_channels if seg.residual >= 0 else None
-        if not seg.tiled and fp32_norm:  # the whole-run parts keep their GroupNorms, as the component graph does
+        if seg.kind == "whole" and fp32_norm:  # the whole-run parts keep their GroupNorms, as the component graph does
             from .fp16.fp32_norm import keep_norms_fp32
 
             keep_norms_fp32(seg.module)
         path = out / segment_file_name(component, index)
         graph, digest = export_segment(seg, dtype, precision, path)
         entries.append({
-            "name": seg.name, "file": path.name, "sha256": digest, "tiled": seg.tiled,
+            "name": seg.name, "file": path.name, "sha256": digest, "kind": seg.kind,
             "source": seg.source, "residual": seg.residual, "norm": seg.norm,
             "halo": seg.halo, "upscale": seg.upscale, "downscale": seg.downscale, "align": seg.align,
             "in_channels": seg.in_channels, "out_channels": seg.out_channels,
             "inputs": describe_io(graph.graph.input), "outputs": describe_io(graph.graph.output),
         })
-    return {"format": "exact-tiling-v1", "dtype": DTYPE_NAME[precision], "stat_dtype": STAT_DTYPE, "steps": entries}
+    return {"format": "exact-tiling-v1", "dtype": DTYPE_NAME[precision], "stat_dtype": STAT_DTYPE,
+            "steps": entries}

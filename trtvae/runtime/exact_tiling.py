@@ -1,7 +1,8 @@
 """Exact tiling: the same result as the untiled graph, at bounded working memory, for any input size.
 
-The component runs as the export's segment graphs, one step at a time. A whole step (the decoder's
-head with the mid-block's attention, the encoder's tail) runs once on the whole tensor. A tiled step
+The component runs as the export's segment graphs, one step at a time. The mid-block's attention runs
+in chunks of query rows against every key and value (`attention_chunk_bytes` bounds the scores held
+at once); a "whole" step runs once on the whole tensor. A tiled step
 runs once per window (core plus halo), keeps the core of each result, and accumulates the exact
 statistics of the GroupNorm that the next step applies, from cores only. Between steps the whole
 activation is kept (the boundary tensors), where the backend's data lives. Only running one segment
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import defaults
 from .segments import GroupStats, last_uses, read_steps, resolution_ratios, windows
 
 
@@ -58,10 +60,12 @@ class ExactTilingMixin:
             if step.index in needs_stats:
                 norm = next(s.norm for s in steps if s.source == step.index and s.norm is not None)
                 collect = GroupStats(src.shape[0], norm["groups"], norm["channels"])
-            if step.tiled:
+            if step.kind == "tiled":
                 num, den = ratios[step.index]
                 out = self._run_step_tiles(component, step, src, outputs.get(step.residual), inputs,
                                            core0 * num // den, collect)
+            elif step.kind == "attention":
+                out = self._run_attention_rows(component, step, src, outputs[step.residual], collect)
             else:
                 out = self._run_segment(component, step, {"x": src, **inputs})
                 if collect is not None:
@@ -73,6 +77,24 @@ class ExactTilingMixin:
                 if last.get(used) == step.index:
                     del outputs[used]  # a boundary tensor lives until its last reader has run
         return outputs[steps[-1].index]
+
+    def _run_attention_rows(self, component, step, qkv, residual, collect) -> torch.Tensor:
+        """Attention in chunks of query rows against every key and value: exact, softmax rows are independent."""
+        b, _, h, w = qkv.shape
+        c = step.out_channels
+        kv = qkv[:, c:].contiguous()
+        budget = getattr(self, "attention_chunk_bytes", defaults.ATTENTION_CHUNK_BYTES)
+        per_row = 2 * b * w * (h * w) * 4  # scores and their softmax, float32 at most
+        rows = max(1, min(h, budget // per_row))
+        out = torch.empty((b, c, h, w), dtype=qkv.dtype, device=qkv.device)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            y = self._run_segment(component, step, {"x": qkv[:, :c, r0:r1].contiguous(), "kv": kv,
+                                                    "residual": residual[:, :, r0:r1].contiguous()})
+            out[:, :, r0:r1] = y
+            if collect is not None:
+                collect.add(y)
+        return out
 
     def _run_step_tiles(self, component, step, src, residual, inputs, core, collect) -> torch.Tensor:
         b, _, h, w = src.shape

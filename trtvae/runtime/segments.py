@@ -19,7 +19,7 @@ class Step:
     name: str
     file: str
     sha256: str
-    tiled: bool
+    kind: str  # "tiled" (windows), "whole", or "attention" (query rows against all keys and values)
     source: int  # step whose output is this step's input x; -1: the component's input
     residual: int | None
     norm: dict | None  # {"groups", "eps", "channels"} of the GroupNorm applied to x
@@ -37,9 +37,12 @@ def read_steps(entry: dict) -> list:
     """The manifest's segments entry as Steps, checked for what the runtime relies on."""
     steps = []
     for i, s in enumerate(entry["steps"]):
-        step = Step(i, s["name"], s["file"], s["sha256"], bool(s["tiled"]), int(s["source"]), s.get("residual"),
+        step = Step(i, s["name"], s["file"], s["sha256"], s["kind"], int(s["source"]), s.get("residual"),
                     s.get("norm"), int(s["halo"]), int(s["upscale"]), int(s["downscale"]), int(s.get("align", 1)),
                     int(s["out_channels"]))
+        if step.kind not in ("tiled", "whole", "attention"):
+            raise ValueError(f"segment {i} ({step.name}) has kind {step.kind!r}: this trtvae runs tiled, whole, "
+                             "attention; re-export with it")
         if not -1 <= step.source < i or (step.residual is not None and not -1 <= step.residual < i):
             raise ValueError(f"segment {i} ({step.name}) reads a later step: the manifest's segment list is broken")
         steps.append(step)
