@@ -24,7 +24,7 @@ from .onnx_export import describe_io
 from .segment_modules import decoder_segments, encoder_segments
 
 SEGMENT_BUILDERS = {"decoder": decoder_segments, "encoder": encoder_segments}
-STAT_DTYPE = "float32"  # mean and rstd inputs: statistics never travel in fp16
+STAT_DTYPE = "float32"  # mean and rstd inputs, and activations between segments: never rounded to fp16
 
 
 def segment_file_name(component: str, index: int) -> str:
@@ -42,16 +42,18 @@ def _example(seg, dtype):
     h, w = 4 * seg.downscale, 6 * seg.downscale
     g = torch.Generator().manual_seed(0)
     image_axes = {0: "batch", 2: "height", 3: "width"}
-    args, axes = [torch.randn(2, seg.in_channels, h, w, generator=g).to(dtype)], {"x": image_axes}
+    # The component's input is in the model's type; activations between segments are float32.
+    x_dtype = dtype if seg.source < 0 else torch.float32
+    args, axes = [torch.randn(2, seg.in_channels, h, w, generator=g).to(x_dtype)], {"x": image_axes}
     if seg.norm is not None:
         args += [torch.randn(2, seg.in_channels, generator=g), torch.rand(2, seg.in_channels, generator=g) + 0.5]
         axes.update(mean={0: "batch"}, rstd={0: "batch"})
     if seg.kind == "attention":  # x: query rows; kv: every key and value
-        args.append(torch.randn(2, 2 * seg.in_channels, 2 * h, w, generator=g).to(dtype))
+        args.append(torch.randn(2, 2 * seg.in_channels, 2 * h, w, generator=g))
         axes["kv"] = {0: "batch", 2: "kv_height", 3: "width"}
     if seg.residual is not None:
         # The residual is the resnet's input, cut with the same window as x.
-        args.append(torch.randn(2, seg.extra["residual_channels"], h, w, generator=g).to(dtype))
+        args.append(torch.randn(2, seg.extra["residual_channels"], h, w, generator=g))
         axes["residual"] = image_axes
     axes["y"] = {0: "batch", 2: "out_height", 3: "out_width"}
     return tuple(args), axes

@@ -76,7 +76,7 @@ class ExactTilingMixin:
             for used in {step.source, step.residual} - {None, -1}:
                 if last.get(used) == step.index:
                     del outputs[used]  # a boundary tensor lives until its last reader has run
-        return outputs[steps[-1].index]
+        return outputs[steps[-1].index].to(x.dtype)  # activations travel in float32 between segments
 
     def _run_attention_rows(self, component, step, qkv, residual, collect) -> torch.Tensor:
         """Attention in chunks of query rows against every key and value: exact, softmax rows are independent."""
@@ -86,11 +86,13 @@ class ExactTilingMixin:
         budget = getattr(self, "attention_chunk_bytes", defaults.ATTENTION_CHUNK_BYTES)
         per_row = 2 * b * w * (h * w) * 4  # scores and their softmax, float32 at most
         rows = max(1, min(h, budget // per_row))
-        out = torch.empty((b, c, h, w), dtype=qkv.dtype, device=qkv.device)
+        out = None
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
             y = self._run_segment(component, step, {"x": qkv[:, :c, r0:r1].contiguous(), "kv": kv,
                                                     "residual": residual[:, :, r0:r1].contiguous()})
+            if out is None:
+                out = torch.empty((b, c, h, w), dtype=y.dtype, device=qkv.device)
             out[:, :, r0:r1] = y
             if collect is not None:
                 collect.add(y)
@@ -99,8 +101,7 @@ class ExactTilingMixin:
     def _run_step_tiles(self, component, step, src, residual, inputs, core, collect) -> torch.Tensor:
         b, _, h, w = src.shape
         up, down = step.upscale, step.downscale
-        out = torch.empty((b, step.out_channels, step.out_size(h), step.out_size(w)), dtype=src.dtype,
-                          device=src.device)
+        out = None
         cols = windows(w, core, step.halo, step.align)
         for y0, y1, cy0, cy1 in windows(h, core, step.halo, step.align):
             for x0, x1, cx0, cx1 in cols:
@@ -110,6 +111,9 @@ class ExactTilingMixin:
                 y = self._run_segment(component, step, feed)
                 kept = y[:, :, (cy0 - y0) * up // down:(cy1 - y0) * up // down,
                          (cx0 - x0) * up // down:(cx1 - x0) * up // down]
+                if out is None:
+                    out = torch.empty((b, step.out_channels, step.out_size(h), step.out_size(w)), dtype=y.dtype,
+                                      device=src.device)
                 out[:, :, cy0 * up // down:cy1 * up // down, cx0 * up // down:cx1 * up // down] = kept
                 if collect is not None:
                     collect.add(kept)

@@ -50,12 +50,12 @@ class TrtSegmentsMixin:
         source_device = inputs["x"].device
         with lock, torch.cuda.device(self._device):
             stream = torch.cuda.current_stream(self._device)
-            feed = {name: aligned(t.to(self._device, self.dtype if t.ndim == 4 else torch.float32).contiguous())
-                    for name, t in inputs.items()}
+            # The runtime hands each input in the dtype the manifest lists for it (stats and activations float32).
+            feed = {name: aligned(t.to(self._device).contiguous()) for name, t in inputs.items()}
             for name, t in feed.items():
                 if not context.set_input_shape(name, tuple(t.shape)):
                     raise ValueError(f"TensorRT refused shape {tuple(t.shape)} for {name!r} of segment {step.name}")
-            out = aligned_empty(tuple(context.get_tensor_shape("y")), self.dtype, self._device)
+            out = aligned_empty(tuple(context.get_tensor_shape("y")), torch.float32, self._device)
             for name, t in (*feed.items(), ("y", out)):
                 if not context.set_tensor_address(name, t.data_ptr()):
                     raise RuntimeError(f"TensorRT refused the address of {name!r} of segment {step.name}")
