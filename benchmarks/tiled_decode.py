@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("untiled", "exact", "blend")
+CHILD_MODES = MODES + ("diffusers",)  # diffusers: PyTorch fp32 eager, untiled
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -78,10 +79,15 @@ def child(args) -> None:
 
     workdir = Path(args.workdir)
     latent, tile_latent = args.size // 8, args.tile // 8
-    vae = OrtVae.from_pretrained(workdir / "export", providers=["CPUExecutionProvider"])
-    vae.tile_sample_min_size, vae.tile_latent_min_size = args.tile, tile_latent
-    if args.mode != "untiled":
-        vae.enable_tiling(mode=args.mode)
+    if args.mode == "diffusers":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(workdir / "model").eval().requires_grad_(False)
+    else:
+        vae = OrtVae.from_pretrained(workdir / "export", providers=["CPUExecutionProvider"])
+        vae.tile_sample_min_size, vae.tile_latent_min_size = args.tile, tile_latent
+        if args.mode != "untiled":
+            vae.enable_tiling(mode=args.mode)
     channels = vae.config["latent_channels"]
     z = torch.randn(1, channels, latent, latent, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -135,7 +141,7 @@ def main() -> None:
                         "17 GB at 2048²)")
     p.add_argument("--png", type=Path, default=DOCS / "tiled-decode-difference.png")
     p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=CHILD_MODES, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -154,14 +160,20 @@ def main() -> None:
 
     rows, png_done = [], False
     for size in args.sizes:
-        modes = [m for m in MODES if m != "untiled" or size <= args.untiled_max]
+        modes = [m for m in CHILD_MODES if m not in ("untiled", "diffusers") or size <= args.untiled_max]
         results = {m: run_case(args, m, size) for m in modes}
         outputs = {m: np.load(args.workdir / f"{m}_{size}.npy") for m in modes}
         ref_name = "untiled" if "untiled" in outputs else "exact"
         ref = outputs[ref_name]
+        torch_ref = outputs.get("diffusers")
         for mode, r in results.items():
-            stats = compare(outputs[mode], ref) if mode != ref_name else None
-            rows.append((f"{size}²", mode, ref_name, r, stats))
+            stats = compare(outputs[mode], ref, image=True) if mode != ref_name else None
+            vs_torch = compare(outputs[mode], torch_ref).rel_l2 if torch_ref is not None and mode != "diffusers" \
+                else None
+            rows.append((f"{size}²", mode, ref_name, r, stats, vs_torch))
+            with open(args.workdir / "results.jsonl", "a") as f:
+                f.write(json.dumps({"size": size, "mode": mode, "vs": ref_name, **r, "vs_torch_rel_l2": vs_torch,
+                                    **({"psnr_db": stats.psnr_db, "rel_l2": stats.rel_l2} if stats else {})}) + "\n")
         if not png_done:
             diff_png(args.png, ref, {m: outputs[m] for m in ("blend", "exact") if m != ref_name}, gain=10)
             png_done = True
@@ -172,17 +184,19 @@ def main() -> None:
               + (f" (exact/untiled time {results['exact']['seconds'] / base['seconds']:.2f}×, peak "
                  f"{results['exact']['peak_mb'] / base['peak_mb']:.2f}×)" if base else ""), flush=True)
 
-    header = ("image", "mode", "vs", "PSNR dB", "rel L2", "time s", "peak RSS MB", "decode Δ MB")
+    header = ("image", "mode", "vs", "PSNR dB", "rel L2", "rel L2 vs PyTorch fp32", "time s", "peak RSS MB",
+              "decode Δ MB")
     print("\n| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
-    for img, mode, ref_name, r, stats in rows:
+    for img, mode, ref_name, r, stats, vs_torch in rows:
         psnr = "" if stats is None else f"{stats.psnr_db:.1f}"
         rel = "(reference)" if stats is None else f"{stats.rel_l2:.1e}"
-        print(f"| {img} | {mode} | {ref_name} | {psnr} | {rel} | {r['seconds']:.1f} | {r['peak_mb']:.0f} | "
-              f"{r['peak_mb'] - r['baseline_mb']:.0f} |")
+        torch_rel = "" if vs_torch is None else f"{vs_torch:.1e}"
+        print(f"| {img} | {mode} | {ref_name} | {psnr} | {rel} | {torch_rel} | {r['seconds']:.1f} | "
+              f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['baseline_mb']:.0f} |")
     print(f"\ndecode Δ: peak RSS during the decode minus RSS just before it (after a one-tile warm-up). "
           f"Difference PNG: {args.png}")
-    if not all(r["exact_peak"] for _, _, _, r, _ in rows):
+    if not all(r["exact_peak"] for _, _, _, r, _, _ in rows):
         print("note: /proc/self/clear_refs was not writable: peaks include model loading.")
 
 

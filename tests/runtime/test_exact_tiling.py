@@ -226,7 +226,7 @@ def test_export_without_segments_falls_back_to_blend_with_one_notice(tmp_path_fa
     with pytest.warns(TilingNotice, match="--no-segments"):
         vae.enable_tiling()
     assert vae.tiling_mode == "blend"
-    with pytest.raises(ValueError, match="no segment graphs"):
+    with pytest.raises(ValueError, match="no decoder segment graphs"):
         vae.enable_tiling(mode="exact")
     with pytest.raises(ValueError, match="expected one of exact, blend"):
         vae.enable_tiling(mode="seamless")

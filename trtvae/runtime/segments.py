@@ -91,10 +91,12 @@ def windows(size: int, core: int, halo: int, align: int) -> list:
 
 
 class GroupStats:
-    """Exact per-sample, per-group mean and biased variance, merged over cores with Chan's formula in float64."""
+    """Exact per-sample, per-group mean and biased variance of a tensor seen in cores.
 
-    # float64 copies of a core are made in slices of about this many elements.
-    CHUNK = 1 << 23
+    Each core's count, mean and sum of squared deviations come from torch's one-pass var_mean in
+    float32 (deviations from the core's own mean, never E[x²] − E[x]²); cores are merged in float64
+    with Chan's parallel formula, so the result does not depend on how the tensor was cut.
+    """
 
     def __init__(self, batch: int, groups: int, channels: int):
         if channels % groups:
@@ -105,18 +107,11 @@ class GroupStats:
         self.m2 = torch.zeros(batch, groups, dtype=torch.float64)
 
     def add(self, core: torch.Tensor) -> None:
-        b, c = core.shape[:2]
-        per_group = c // self.groups
-        pixels = core.shape[2] * core.shape[3]
-        step = max(1, self.CHUNK // max(1, b * per_group * pixels))
-        means, m2s = [], []
-        for g0 in range(0, self.groups, step):
-            g1 = min(self.groups, g0 + step)
-            y = core[:, g0 * per_group:g1 * per_group].to("cpu", torch.float64).reshape(b, g1 - g0, -1)
-            m = y.mean(-1)
-            means.append(m)
-            m2s.append(((y - m[..., None]) ** 2).sum(-1))
-        self._merge(per_group * pixels, torch.cat(means, 1), torch.cat(m2s, 1))
+        b = core.shape[0]
+        grouped = core.to(torch.float64).reshape(b, self.groups, -1)
+        var, mean = torch.var_mean(grouped, dim=-1, correction=0)
+        n = grouped.shape[-1]
+        self._merge(n, mean.cpu(), var.cpu() * n)
 
     def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         total = self.count + n
