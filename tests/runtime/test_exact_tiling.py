@@ -1,4 +1,4 @@
-"""Exact tiling equals the untiled run: tiny and SDXL-layout models, fp32 and fp16, decode and encode, on ONNX Runtime CPU.
+"""Exact tiling equals the untiled run (ONNX Runtime CPU): tiny and SDXL-layout models, fp32/fp16, decode/encode.
 
 Every expectation comes from the untiled graph (decoder.onnx / encoder.onnx run whole), from diffusers'
 PyTorch model, or from diffusers' own tiled decode: never from the segment graphs under test.

@@ -7,9 +7,9 @@ No GroupNorm op remains inside, so a segment run on a window of the image comput
 whole graph computes there, as long as the window holds the segment's halo. Activations between
 segments travel in float32 whatever the model's precision: weights and convs stay in the model's
 type, but the residual stream is not rounded to fp16 at every cut (ONNX Runtime's CPU kernels do not
-round it inside the whole graph either; measured: rounding there cost 3.6 dB against untiled fp16). The mid-block's global
-attention is cut in two: per-pixel q, k, v projections (tiled like the rest) and the attention of
-query rows against every key and value (exact in row chunks).
+round it inside the whole graph either; measured: rounding there cost 3.6 dB against untiled fp16).
+The mid-block's global attention is cut in two: per-pixel q, k, v projections (tiled like the rest)
+and the attention of query rows against every key and value (exact in row chunks).
 """
 from __future__ import annotations
 
