@@ -18,6 +18,8 @@ WORKSPACE_GIB = 8.0
 
 # Tiling, as diffusers' AutoencoderKL
 TILE_OVERLAP_FACTOR = 0.25
+# Exact tiling runs the mid-block attention in query-row chunks whose scores take at most this much.
+ATTENTION_CHUNK_BYTES = 256 * 2**20
 TILE_SAMPLE_SIZE = 1024  # used when the config has no sample_size
 
 # fp16 audit

@@ -96,6 +96,25 @@ def component_bytes(directory, manifest: dict, component: str, key: str = "onnx"
     return data
 
 
+def segment_bytes(directory, manifest: dict, component: str, index: int, key: str | None = None) -> bytes:
+    """Segment graph `index` of a component (exact tiling), read once and checked against its sha256.
+
+    key: None for the ONNX file, or the name of a per-segment file entry ("engine": a TensorRT plan).
+    """
+    try:
+        step = manifest["components"][component]["segments"]["steps"][index]
+        step = step if key is None else step[key]
+    except (KeyError, IndexError, TypeError):
+        what = f"segment {index}" + (f" {key!r} file" if key else "")
+        raise ManifestError(f"manifest lists no {what} for component {component!r}") from None
+    path = _inside(Path(directory), step.get("file"), f"component {component!r} segment {index}")
+    if not path.is_file():
+        raise ManifestError(f"{path} is listed in the manifest but missing")
+    data = path.read_bytes()
+    _check_digest(path, hashlib.sha256(data).hexdigest(), step)
+    return data
+
+
 def _inside(directory: Path, name, what: str) -> Path:
     """`directory / name`, refused unless it stays in the folder, symlinks resolved.
 
@@ -124,6 +143,9 @@ def referenced_files(manifest: dict) -> set:
         if isinstance(entry.get("onnx"), str):
             files.add(entry["onnx"])
         files.update(v["file"] for v in entry.values() if isinstance(v, dict) and isinstance(v.get("file"), str))
+        segments = entry.get("segments")
+        if isinstance(segments, dict):
+            files.update(s["file"] for s in segments.get("steps", []) if isinstance(s.get("file"), str))
     return files
 
 

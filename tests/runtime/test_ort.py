@@ -133,7 +133,7 @@ def test_runtime_does_not_import_export(tiny_fp32):
         "from trtvae import OrtVae\n"
         f"vae = OrtVae.from_pretrained({str(tiny_fp32)!r})\n"
         "vae.decode(torch.randn(1, 4, 4, 4)); vae.encode(torch.rand(1, 3, 8, 8))\n"
-        "import trtvae.runtime.trt, trtvae.runtime.tiling\n"
+        "import trtvae.runtime.trt, trtvae.runtime.tiling_options\n"
         "print(sorted(m for m in sys.modules if m.startswith('trtvae.export')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

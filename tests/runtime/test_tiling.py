@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 
 from trtvae import OrtVae
 from trtvae.metrics import REL_L2_THRESHOLD, compare
-from trtvae.runtime.tiling import TilingNotice
+from trtvae.runtime.tiling_options import TilingNotice
 
 FP32 = REL_L2_THRESHOLD["fp32"]
 
@@ -37,7 +37,9 @@ class SpyVae(OrtVae):
 
 @pytest.fixture
 def vae(tiny_fp32):
-    return SpyVae.from_pretrained(tiny_fp32)
+    v = SpyVae.from_pretrained(tiny_fp32)
+    v.tiling_mode = "blend"  # automatic tiling too compares with diffusers' here; exact: test_exact_tiling.py
+    return v
 
 
 @pytest.fixture
@@ -61,8 +63,8 @@ def _tile_like(*models, sample=None, latent=None, overlap=None, tiling=True):
             m.tile_latent_min_size = latent
         if overlap is not None:
             m.tile_overlap_factor = overlap
-        if tiling:
-            m.enable_tiling()
+        if tiling:  # ours in diffusers' own (blend) mode: these tests compare with diffusers' tiling
+            m.enable_tiling(mode="blend") if isinstance(m, OrtVae) else m.enable_tiling()
 
 
 def _assert_close(ours, theirs, bound=FP32):
@@ -195,7 +197,7 @@ def test_oversized_encode_picks_tiles_on_the_latent_grid(vae, ref):
 
 def test_user_tiles_larger_than_the_backend_max_shrink(vae, ref):
     vae.limits["decoder"] = ((1, 1), (12, 12))
-    vae.enable_tiling()  # default tile is 16 latents, over the max
+    vae.enable_tiling(mode="blend")  # default tile is 16 latents, over the max
     _tile_like(ref, sample=24, latent=12)
     z = _latents(b=1)
     with pytest.warns(TilingNotice):
@@ -208,7 +210,14 @@ def test_small_input_is_padded_to_the_backend_min_and_cropped(vae, ref):
     vae.limits["decoder"] = ((8, 10), (64, 64))
     vae.limits["encoder"] = ((15, 15), (64, 64))  # min rounds up to the latent grid: 16
     z, x = _latents(b=1, h=5, w=3), _images(b=1, h=6, w=10)
-    dec, enc = vae.decode(z).sample, vae.encode(x).latent_dist.parameters
+    with pytest.warns(TilingNotice, match=r"decoder input 5×3 is smaller .* differs from diffusers'"):
+        dec = vae.decode(z).sample
+    with pytest.warns(TilingNotice, match="encoder input 6×10 is smaller"):
+        enc = vae.encode(x).latent_dist.parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TilingNotice)
+        vae.decode(z)  # once per shape
+    vae.calls.pop()
     assert vae.calls == [("decoder", (1, 4, 8, 10)), ("encoder", (1, 3, 16, 16))]
     with torch.no_grad():
         dec_ref = ref.decode(F.pad(z, (0, 7, 0, 3), mode="replicate")).sample[:, :, :10, :6]

@@ -161,7 +161,7 @@ def test_batches_below_the_profile_min_are_padded(tiny_fp32):
 
 
 def test_batch_plans_fit_one_profile_each():
-    from trtvae.runtime.tiling import plan_batches
+    from trtvae.runtime.batching import plan_batches
 
     assert plan_batches(5, [(1, 4)]) == [(4, 4), (1, 1)]
     assert plan_batches(5, [(2, 4)]) == [(4, 4), (1, 2)]

@@ -55,6 +55,7 @@ class ExportOptions:
         workspace_gib: TensorRT workspace cap in GiB.
         rescale: fp16: rescale exactly when the audit finds overflow.
         fp32_norm: fp16: keep GroupNorm statistics in fp32 inside the graph.
+        segments: also export the segment graphs exact tiling runs (default on).
     """
 
     model: str = _option(defaults.MODEL, "--model",
@@ -72,6 +73,9 @@ class ExportOptions:
                                  "(verify then fails on the NaNs)")
     fp32_norm: bool = _option(False, "--fp32-norm", action="store_true",
                               help="fp16: keep GroupNorm statistics in fp32 inside the graph (Casts around them)")
+    segments: bool = _option(True, "--no-segments", action="store_false",
+                             help="do not export the segment graphs that exact tiling runs (enable_tiling() then "
+                                  "blends tiles as diffusers does, with seams)")
     engines: str = _option(defaults.ENGINES, "--engines", group=ENGINES_GROUP, choices=ENGINE_MODES,
                            help="auto: build if possible, else say why not; required: fail without; skip: ONNX only")
     batch: str = _option(defaults.BATCH, "--batch", group=ENGINES_GROUP,
@@ -176,7 +180,7 @@ class ExportOptions:
         return {"args": self.export_args(), "model": self.model, "subfolder": self.subfolder, "family": self.family,
                 "images": None if self.images is None else str(Path(self.images).resolve()), "precision": self.precision,
                 "components": list(self.components), "rescale": self.rescale, "fp32_norm": self.fp32_norm,
-                "allow_pickle": self.allow_pickle, "profiles": self.profile_texts(),
+                "segments": self.segments, "allow_pickle": self.allow_pickle, "profiles": self.profile_texts(),
                 "builder_optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib}
 
     def summary_line(self) -> str:

@@ -26,6 +26,7 @@ from .onnx_export import export_onnx, onnx_entry
 from .options import ExportOptions
 from .outdir import VERIFY_PNG, Staging, check_replaceable, default_out, present_outputs
 from .progress import console, stage
+from .segments import export_segments
 from .verify import verify_export
 
 
@@ -91,6 +92,11 @@ def _export_into(folder: Path, loaded, opts: ExportOptions) -> dict:
             info["path"] = path
         manifest["components"][name] = {**onnx_entry(model, specs[name], opts.precision, path), "sha256": digest}
         del model
+        if opts.segments:  # exact tiling's graphs, from the same (possibly rescaled) weights
+            with stage(f"export {name} segment graphs") as info:
+                entry = export_segments(export_vae, name, opts.precision, out, fp32_norm=opts.fp32_norm)
+                info["detail"] = f"{len(entry['steps'])} graphs"
+            manifest["components"][name]["segments"] = entry
     export_vae = None  # a rescaled copy is as large as the model; verify needs only the reference
 
     if overflow is None:

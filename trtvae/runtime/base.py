@@ -18,7 +18,7 @@ from ..components import DECODER, ENCODER, ComponentSpec, component_specs, spati
 from ..manifest import read_manifest
 from ..precision import torch_dtype
 from .compat import ModuleHabitsMixin
-from .tiling import TilingMixin
+from .tiling_options import TilingMixin
 
 class VaeRuntime(TilingMixin, ModuleHabitsMixin):
     """What `OrtVae` and `TRTVae` share. Construct through `from_pretrained(DIR)`."""
@@ -77,7 +77,7 @@ class VaeRuntime(TilingMixin, ModuleHabitsMixin):
         spec = self._specs[component]
         x = self._validate(spec, x)
         # Slicing, tiling (asked for, or forced by `_spatial_limits`), min-size padding and
-        # batch chunking (`_batch_ranges`) live in tiling.py.
+        # batch chunking (`_batch_ranges`) are chosen in tiling_options.py.
         return self._sliced_forward(component, x)
 
     def _batch_ranges(self, component: str, shape: tuple) -> list:

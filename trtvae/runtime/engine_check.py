@@ -50,6 +50,7 @@ def _legacy_args(opts: dict, manifest: dict) -> list:
     if opts.get("components") and sorted(opts["components"]) != ["decoder", "encoder"]:
         args += ["--components", ",".join(opts["components"])]
     for flag, key, default in (("--no-rescale", "rescale", True), ("--fp32-norm", "fp32_norm", False),
+                               ("--no-segments", "segments", True),
                                ("--allow-pickle", "allow_pickle", False)):
         if opts.get(key, default) != default:
             args.append(flag)

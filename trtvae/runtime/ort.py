@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..manifest import component_file
+from ..manifest import component_file, segment_bytes
 from .base import VaeRuntime
 
 # The manifest dtypes ONNX Runtime can run: numpy has no bfloat16, and ONNX Runtime no bf16 convolution kernels.
@@ -74,6 +74,27 @@ class OrtVae(VaeRuntime):
             return self._run_cuda(session, spec, x)
         y = session.run([spec.output_name], {spec.input_name: x.cpu().numpy()})[0]
         return torch.from_numpy(y).to(x.device)
+
+    def _segment_options(self):
+        """Dozens of segment sessions run one after another: without spinning, an idle session's threads do
+        not take the cores from the one running, and without an arena each frees its window's memory."""
+        if self._session_options is not None:
+            return self._session_options
+        options = _ort().SessionOptions()
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+    def _run_segment(self, component: str, step, inputs: dict) -> torch.Tensor:
+        key = (component, step.index)
+        session = self._sessions.get(key)
+        if session is None:  # the bytes checked against the manifest are the bytes loaded
+            data = segment_bytes(self.directory, self.manifest, component, step.index)
+            session = _ort().InferenceSession(data, self._segment_options(), providers=self.providers)
+            self._sessions[key] = session
+        device = inputs["x"].device
+        feed = {name: t.detach().cpu().numpy() for name, t in inputs.items()}
+        return torch.from_numpy(session.run(["y"], feed)[0]).to(device)
 
     def _run_cuda(self, session, spec, x: torch.Tensor) -> torch.Tensor:
         # Bind torch's buffers directly so CUDA tensors never round-trip through the host.

@@ -120,6 +120,13 @@ class TRTVae(VaeRuntime):
     def _spatial_limits(self, component: str):
         return spatial_limits(self.profiles[component]) if component in self.profiles else None
 
+    def _exact_unavailable(self, component: str) -> str | None:
+        # The export writes segment graphs as ONNX only; a runner for segment plans would be code that
+        # nothing builds for. Until the export builds them, TRTVae tiles as diffusers does and says why.
+        return super()._exact_unavailable(component) or (
+            f"the export builds no TensorRT plans for the {component} segment graphs yet; OrtVae tiles "
+            f"{self.directory} exactly")
+
     def _run(self, component: str, x: torch.Tensor) -> torch.Tensor:
         spec = self._specs[component]
         if component not in self.profiles:

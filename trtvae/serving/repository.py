@@ -196,8 +196,10 @@ def _copy_export(export_dir, manifest: dict, component: str, dest: Path) -> None
     entry = manifest["components"][component]
     keys = ["onnx"] + (["engine"] if "engine" in entry else [])
     files = []
-    for key in keys:
-        source = component_file(export_dir, manifest, component, key=key)  # checked against its sha256
+    sources = [component_file(export_dir, manifest, component, key=key) for key in keys]  # sha256 checked
+    # Exact tiling's segment graphs travel with their component (the runtime checks their sha256 on load).
+    sources += [Path(export_dir) / step["file"] for step in entry.get("segments", {}).get("steps", [])]
+    for source in sources:
         relative = source.relative_to(export_dir)  # as the manifest names it, so the copy resolves the same
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
