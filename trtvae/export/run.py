@@ -94,7 +94,7 @@ def _export_into(folder: Path, loaded, opts: ExportOptions) -> dict:
         del model
         if opts.segments:  # exact tiling's graphs, from the same (possibly rescaled) weights
             with stage(f"export {name} segment graphs") as info:
-                entry = export_segments(export_vae, name, opts.precision, out, fp32_norm=opts.fp32_norm)
+                entry = export_segments(export_vae, name, opts.precision, folder, fp32_norm=fp32_norm)
                 info["detail"] = f"{len(entry['steps'])} graphs"
             manifest["components"][name]["segments"] = entry
     export_vae = None  # a rescaled copy is as large as the model; verify needs only the reference
