@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .. import defaults
 from ..errors import TrtvaeError, first_line
+from .hybrid import Gateway
 from .models import TRITON_TYPES
 
 EXTRA_HINT = "pip install 'trtvae[triton]' (nvidia-pytriton bundles tritonserver and its Python backend)"
@@ -237,7 +238,8 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
           grpc_port: int = defaults.SERVE_GRPC_PORT, metrics_port: int = defaults.SERVE_METRICS_PORT,
           backend: str = "auto", max_batch: int = defaults.TRITON_MAX_BATCH, instances: int = defaults.TRITON_INSTANCES,
           prefix: str = defaults.TRITON_PREFIX,
-          dynamic_batching: bool = True, stop_event: threading.Event | None = None, out=print) -> int:
+          dynamic_batching: bool = True, stop_event: threading.Event | None = None, out=print,
+          hybrid_port: int | None = None, hybrid_max_body: int = defaults.HYBRID_MAX_BODY) -> int:
     """Serve the export in `directory` until SIGINT/SIGTERM (or `stop_event`); return the exit code."""
     from ..manifest import read_manifest
     from ..swap import assumed_family_note, load_runtime
@@ -246,8 +248,11 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
 
     manifest = read_manifest(directory)  # a folder without a finished export fails here, before anything starts
     install = find_triton()
-    for flag, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+    for flag, port in (("--http-port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port),
+                       *((("--hybrid-port", hybrid_port),) if hybrid_port is not None else ())):
         check_port_free(host, port, flag)
+    # diffusers' remote VAE protocol (hybrid.py): its options checked now, listening once Triton is ready.
+    gateway = None if hybrid_port is None else Gateway(manifest, prefix, host, hybrid_port, grpc_port, hybrid_max_body)
     try:
         runtime, reason = load_runtime(directory, backend)  # cheap: sessions and engines load on first use
     except (ImportError, RuntimeError, OSError, ValueError) as e:  # --backend tensorrt where it cannot run
@@ -278,6 +283,9 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
             f"gRPC {host}:{grpc_port}, metrics http://{host}:{metrics_port}/metrics")
         for decl in decls:
             out(f"  model {decl.name}: {describe(decl)}")
+        if gateway is not None:
+            gateway.start()
+            out(f"diffusers remote VAE (remote_decode/remote_encode): {gateway.describe()}")
         out("Ctrl-C (SIGINT) or SIGTERM stops the server")
         watch = _Watchdog(server, models, instances, out)
         while not stop_event.wait(0.5):
@@ -287,6 +295,8 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
         out("stopping tritonserver")
         return 0
     finally:
+        if gateway is not None:
+            gateway.stop()
         if server is not None:
             server.stop()
         shutil.rmtree(repo_root, ignore_errors=True)
