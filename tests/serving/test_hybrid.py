@@ -384,3 +384,21 @@ def test_sigint_stops_the_gateway_with_the_server_and_leaves_no_process(sdxl):
     assert processes_mentioning(sdxl["repo"]) == []
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", sdxl["port"]), timeout=5):
         pass
+
+
+# --- refused before anything starts ---------------------------------------------------------------
+def test_hybrid_port_in_use_and_a_bad_limit_are_one_error_line(tiny_fp16, capsys):
+    from trtvae.cli import main
+
+    ports = [str(free_port()) for _ in range(3)]
+    common = ["serve", str(tiny_fp16), "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main([*common, "--hybrid-port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --hybrid-port {port}: cannot listen on 127.0.0.1:{port}")
+    assert main([*common, "--hybrid-port", str(free_port()), "--hybrid-max-body", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --hybrid-max-body 0: expected a positive number of bytes"]
