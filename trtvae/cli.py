@@ -134,6 +134,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default=defaults.TRITON_PREFIX, help="model name prefix (default %(default)s)")
     p.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
                    help="Triton's dynamic batching (default on)")
+    p.add_argument("--hybrid-port", type=int, default=None,
+                   help="also serve diffusers' remote VAE protocol (remote_decode/remote_encode) at "
+                        "http://HOST:PORT/decode and /encode, through the Triton models (default off)")
+    p.add_argument("--hybrid-max-body", type=int, default=defaults.HYBRID_MAX_BODY,
+                   help="bytes: a larger request body is refused (413) before it is read (default %(default)s)")
     return p
 
 
@@ -226,7 +231,7 @@ def _serve(argv) -> int:
     return serve(args.export_dir, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port, backend=args.backend, max_batch=args.max_batch,
                  instances=args.instances, prefix=args.prefix, dynamic_batching=args.dynamic_batching,
-                 out=partial(print, flush=True))
+                 out=partial(print, flush=True), hybrid_port=args.hybrid_port, hybrid_max_body=args.hybrid_max_body)
 
 
 def _doctor(argv) -> int:

@@ -34,6 +34,13 @@ SERVE_HOST = "127.0.0.1"  # loopback unless asked: a VAE server has no authentic
 SERVE_HTTP_PORT = 8000
 SERVE_GRPC_PORT = 8001
 SERVE_METRICS_PORT = 8002
+# diffusers' remote VAE protocol (`serve --hybrid-port`): a request body over this many bytes is refused (413)
+# before it is read whole. Sized for a batch of 4 latents of a 4096² FLUX decode (4 × 16×512×512 fp32 = 64 MiB),
+# which also holds an encode's PNG of a 4096² image (at most 48 MiB of raw RGB, and PNG compresses).
+HYBRID_MAX_BODY = 4 * 16 * 512 * 512 * 4
+HYBRID_JPEG_QUALITY = 95
+# zlib level 1: about 3× faster than PIL's default 6 for a few % more bytes; a VAE server is asked for speed.
+HYBRID_PNG_COMPRESS_LEVEL = 1
 
 # Verify: latent (batch, h, w), with batch > 1, a non-square size and sizes that are not powers of two.
 VERIFY_LATENT_SHAPES = ((2, 8, 8), (1, 10, 14), (1, 13, 7))

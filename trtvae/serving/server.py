@@ -92,7 +92,8 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
           grpc_port: int = defaults.SERVE_GRPC_PORT, metrics_port: int = defaults.SERVE_METRICS_PORT,
           backend: str = "auto", max_batch: int = defaults.TRITON_MAX_BATCH, instances: int = defaults.TRITON_INSTANCES,
           prefix: str = defaults.TRITON_PREFIX,
-          dynamic_batching: bool = True, stop_event: threading.Event | None = None, out=print) -> int:
+          dynamic_batching: bool = True, stop_event: threading.Event | None = None, out=print,
+          hybrid_port: int | None = None, hybrid_max_body: int = defaults.HYBRID_MAX_BODY) -> int:
     """Serve the export in `directory` until SIGINT/SIGTERM (or `stop_event`); return the exit code.
 
     0 after a stop while serving, 130 after a stop while starting; a model that cannot load raises
@@ -102,15 +103,20 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
     stop_event = stop_event or threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop_event.set()) for s in (signal.SIGINT, signal.SIGTERM)} \
         if threading.current_thread() is threading.main_thread() else {}
-    repo_root = server = None
+    repo_root = server = gateway = None
     serving = False
     try:
         from ..swap import assumed_family_note, load_runtime
+        from .hybrid import Gateway
         from .models import model_decls
         from .repository import write_triton_repo
 
-        ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+        ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port,
+                 **({"--hybrid-port": hybrid_port} if hybrid_port is not None else {})}
         manifest = check_serve_options(directory, host, ports, backend, max_batch, instances, prefix)
+        # diffusers' remote VAE protocol (hybrid.py): its options checked now, listening once Triton is ready.
+        gateway = None if hybrid_port is None else Gateway(manifest, prefix, host, hybrid_port, grpc_port,
+                                                           hybrid_max_body)
         install = find_triton()
         try:
             runtime, reason = load_runtime(directory, backend)  # which runtime; the models load their own
@@ -147,6 +153,9 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
             count = sum(g.get("count", 1) for g in config.get("instance_group", [])) or 1
             out(f"  model {decl.name}: {describe(decl)}; max batch {config.get('max_batch_size')}, "
                 f"{count} instance{'s' * (count > 1)}, {batching}")
+        if gateway is not None:
+            gateway.start()
+            out(f"diffusers remote VAE (remote_decode/remote_encode): {gateway.describe()}")
         out("Ctrl-C (SIGINT) or SIGTERM stops the server")
         watch = _Watchdog(server, models, instances, out, stop_event)
         while not stop_event.wait(0.5):
@@ -156,6 +165,8 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
         out("stopping tritonserver")
         return 0
     finally:
+        if gateway is not None:
+            gateway.stop()
         if server is not None:
             server.stop(grace_s=None if serving else STARTING_GRACE_S)
         if repo_root is not None:
