@@ -79,8 +79,12 @@ def test_python_repository_is_self_contained(tmp_path, tiny_fp16):
     assert {k: v.string_value for k, v in config.parameters.items()} == \
         {"trtvae_model": "decode_image", "prefix": "vae", "runtime": "auto"}  # no export_dir: it travels along
     export = repo / "vae_encoder" / "1" / "export"
-    assert sorted(p.name for p in export.iterdir()) == ["encoder.onnx", "manifest.json"]
-    assert sha256_file(export / "encoder.onnx") == sha256_file(tiny_fp16 / "encoder.onnx")
+    # The encoder's graph and its exact-tiling segment graphs travel, nothing of the decoder's.
+    encoder_files = sorted(p.name for p in tiny_fp16.glob("encoder*.onnx"))
+    assert "encoder.segment00.onnx" in encoder_files
+    assert sorted(p.name for p in export.iterdir()) == sorted([*encoder_files, "manifest.json"])
+    for name in encoder_files:
+        assert sha256_file(export / name) == sha256_file(tiny_fp16 / name)
     narrowed = json.loads((export / "manifest.json").read_text())
     assert list(narrowed["components"]) == ["encoder"] and narrowed["vae_config"]["scaling_factor"] == 0.5
     assert "TritonPythonModel" in (repo / "vae_encoder" / "1" / "model.py").read_text()
