@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -27,7 +24,7 @@ from diffusers.image_processor import VaeImageProcessor  # noqa: E402
 from diffusers.utils import remote_utils  # noqa: E402
 from diffusers.utils.remote_utils import remote_decode, remote_encode  # noqa: E402
 from PIL import Image  # noqa: E402
-from triton_helpers import free_port, processes_mentioning  # noqa: E402
+from triton_helpers import free_port, processes_mentioning, serve_ready  # noqa: E402
 
 from trtvae import OrtVae  # noqa: E402
 
@@ -39,26 +36,8 @@ SMALL_LIMIT = 1_000_000  # --hybrid-max-body of the SDXL server: 1×4×256×256 
 
 def _start(export, *extra):
     ports = [free_port() for _ in range(4)]
-    cmd = [sys.executable, "-m", "trtvae.cli", "serve", str(export), "--http-port", str(ports[0]),
-           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--hybrid-port", str(ports[3]), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, repo = [], None
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if m := re.search(r"on (\S+/models)$", line.strip()):
-            repo = m.group(1)
-        if line.startswith("Ctrl-C"):
-            break
-    if not any(ln.startswith("Ctrl-C") for ln in lines):
-        proc.kill()
-        pytest.fail("vae-export serve --hybrid-port did not get ready:\n" + "".join(lines) + proc.stdout.read())
-    info = {"proc": proc, "url": f"http://127.0.0.1:{ports[3]}", "port": ports[3], "repo": repo,
-            "banner": "".join(lines), "later": []}
-    threading.Thread(target=lambda: info["later"].extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    info = serve_ready(export, "--hybrid-port", ports[3], *extra, ports=ports[:3], timeout_s=READY_TIMEOUT_S)
+    info |= {"url": f"http://127.0.0.1:{ports[3]}", "port": ports[3]}
     return info
 
 

@@ -24,7 +24,7 @@ pytest.importorskip("pytriton", reason="needs the triton extra: pip install -e '
 tritonclient_http = pytest.importorskip("tritonclient.http")
 import tritonclient.grpc as tritonclient_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
-from triton_helpers import free_port, infer, processes_mentioning  # noqa: E402
+from triton_helpers import free_port, infer, processes_mentioning, serve_ready  # noqa: E402
 
 from trtvae import OrtVae  # noqa: E402
 from trtvae.cli import main  # noqa: E402
@@ -38,28 +38,10 @@ def _latents(b, h, w, seed):
 
 @pytest.fixture(scope="module")
 def server(tiny_fp16):
-    ports = [free_port() for _ in range(3)]
-    cmd = [sys.executable, "-m", "trtvae.cli", "serve", str(tiny_fp16), "--http-port", str(ports[0]),
-           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--max-batch", "4", "--instances", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, repo = [], None
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if m := re.search(r"on (\S+/models)$", line.strip()):
-            repo = m.group(1)
-        if line.startswith("Ctrl-C"):
-            break
-    if not any(ln.startswith("Triton ready") for ln in lines):
-        proc.kill()
-        pytest.fail("vae-export serve did not get ready:\n" + "".join(lines) + proc.stdout.read())
-    info = {"proc": proc, "http": f"127.0.0.1:{ports[0]}", "grpc": f"127.0.0.1:{ports[1]}", "repo": repo,
-            "banner": "".join(lines), "later": []}
-    # Keep reading what serve prints, so its pipe never fills and the tests can see its notices.
-    threading.Thread(target=lambda: info["later"].extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    info = serve_ready(tiny_fp16, "--max-batch", "4", "--instances", "2", timeout_s=READY_TIMEOUT_S)
+    assert any(ln.startswith("Triton ready") for ln in info["banner"].splitlines())
+    proc, ports = info["proc"], info["ports"]
+    info |= {"http": f"127.0.0.1:{ports[0]}", "grpc": f"127.0.0.1:{ports[1]}"}
     yield info
     if proc.poll() is None:  # a failed test before the SIGINT test
         proc.send_signal(signal.SIGINT)

@@ -67,6 +67,28 @@ def read_until(proc, pattern: str, lines: list, timeout_s: float = 240) -> re.Ma
     return None
 
 
+def serve_ready(export, *args, ports=None, timeout_s: float = 240) -> dict:
+    """`vae-export serve` started and read up to its "Ctrl-C" line (the test fails with the output otherwise).
+
+    Returns {"proc", "ports", "repo", "banner", "later"}; a thread keeps reading what serve prints into
+    "later", so its pipe never fills and tests can see its notices.
+    """
+    import threading
+
+    import pytest
+
+    proc, ports = start_serve(export, *args, ports=ports)
+    lines: list = []
+    ready = read_until(proc, r"^Ctrl-C", lines, timeout_s)
+    if ready is None:
+        proc.kill()
+        pytest.fail("vae-export serve did not get ready:\n" + "".join(lines) + proc.stdout.read())
+    repo = next((m.group(1) for ln in lines if (m := re.search(r"on (\S+/models)$", ln.strip()))), None)
+    info = {"proc": proc, "ports": ports, "repo": repo, "banner": "".join(lines), "later": []}
+    threading.Thread(target=lambda: info["later"].extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    return info
+
+
 def infer(client_module, url: str, model: str, name: str, array: np.ndarray, output: str, timeout: float = 60.0):
     """One request over HTTP or gRPC with binary tensors; returns the output array."""
     types = {np.dtype(np.float16): "FP16", np.dtype(np.float32): "FP32"}
