@@ -18,14 +18,6 @@ DTYPES = {
 }
 
 
-def dtype_name(backend: str, value) -> str:
-    """The manifest dtype name of a backend's dtype value (an ONNX enum, a TensorRT member name...)."""
-    for name, names in DTYPES.items():
-        if names[backend] == value:
-            return name
-    raise ValueError(f"unknown {backend} dtype {value!r}: expected one of {[n[backend] for n in DTYPES.values()]}")
-
-
 # bfloat16 Conv, InstanceNormalization and Resize are only typed in ai.onnx opset 22.
 OPSET = {"fp32": 18, "fp16": 18, "bf16": 22}
 

@@ -39,7 +39,6 @@ def _latents(b, h, w, seed):
 @pytest.fixture(scope="module")
 def server(tiny_fp16):
     info = serve_ready(tiny_fp16, "--max-batch", "4", "--instances", "2", timeout_s=READY_TIMEOUT_S)
-    assert any(ln.startswith("Triton ready") for ln in info["banner"].splitlines())
     proc, ports = info["proc"], info["ports"]
     info |= {"http": f"127.0.0.1:{ports[0]}", "grpc": f"127.0.0.1:{ports[1]}"}
     yield info

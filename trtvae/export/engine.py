@@ -138,9 +138,10 @@ def build_engine(onnx_path: Path, plan_path: Path, spec, factor: int, precision:
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, Profile
     from polygraphy.exception import PolygraphyException
 
-    builder = probe().builder
+    found = probe()
+    builder = found.builder
     if builder is None:
-        raise ExportError(f"cannot build the {spec.name} engine: {engines_unavailable_reason()}")
+        raise ExportError(f"cannot build the {spec.name} engine: {found.why_not}")
     shapes = [component_shapes(p, spec, factor) for p in options.profiles]
     trt_profiles = [Profile().add(spec.input_name, min=s["min"], opt=s["opt"], max=s["max"]) for s in shapes]
     cache = plan_path.parent / TIMING_CACHE

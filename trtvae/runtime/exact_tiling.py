@@ -48,7 +48,7 @@ class ExactTilingMixin:
         steps = self._segment_steps(component)
         last = last_uses(steps)
         ratios = resolution_ratios(steps)
-        needs_stats = {s.source for s in steps if s.norm is not None}
+        next_norm = {s.source: s.norm for s in steps if s.norm is not None}  # the GroupNorm applied to a step's output
         core0 = self._exact_core(component)
         outputs, stats = {-1: x}, {}
         for step in steps:
@@ -57,8 +57,7 @@ class ExactTilingMixin:
             if step.norm is not None:
                 inputs["mean"], inputs["rstd"] = stats.pop(step.source).per_channel(step.norm["eps"], src.device)
             collect = None
-            if step.index in needs_stats:
-                norm = next(s.norm for s in steps if s.source == step.index and s.norm is not None)
+            if (norm := next_norm.get(step.index)) is not None:
                 collect = GroupStats(src.shape[0], norm["groups"], norm["channels"])
             if step.kind == "tiled":
                 num, den = ratios[step.index]

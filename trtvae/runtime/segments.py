@@ -93,9 +93,9 @@ def windows(size: int, core: int, halo: int, align: int) -> list:
 class GroupStats:
     """Exact per-sample, per-group mean and biased variance of a tensor seen in cores.
 
-    Each core's count, mean and sum of squared deviations come from torch's one-pass var_mean in
-    float32 (deviations from the core's own mean, never E[x²] − E[x]²); cores are merged in float64
-    with Chan's parallel formula, so the result does not depend on how the tensor was cut.
+    Each core's count, mean and sum of squared deviations come from torch's var_mean in float64
+    (deviations from the core's own mean, never E[x²] − E[x]²); cores are merged in float64 with
+    Chan's parallel formula, so the result does not depend on how the tensor was cut.
     """
 
     def __init__(self, batch: int, groups: int, channels: int):

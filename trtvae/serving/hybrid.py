@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import defaults
 from ..components import DECODER, ENCODER
+from .triton_process import ServeError, hostport
 from .hybrid_protocol import HybridError, VaeFacts, image_processor, pack_decode, pack_encode, parse_decode, \
     parse_encode
 
@@ -143,8 +144,6 @@ class Gateway:
     def __init__(self, manifest: dict, prefix: str, host: str, port: int, grpc_port: int,
                  max_body: int = defaults.HYBRID_MAX_BODY):
         if max_body <= 0:
-            from .triton_process import ServeError
-
             raise ServeError(f"--hybrid-max-body {max_body}: expected a positive number of bytes")
         self.host, self.port = host, port
         self.components = tuple(manifest["components"])
@@ -154,8 +153,7 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{hostport(self.host, self.port)}"
 
     def describe(self) -> str:
         ends = [f"{self.url}/{e}" for e, c in (("decode", DECODER), ("encode", ENCODER)) if c in self.components]
@@ -172,8 +170,6 @@ class Gateway:
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                from .triton_process import ServeError
-
                 self.stop()
                 raise ServeError(f"--hybrid-port {self.port}: the gateway could not listen on {self.url}")
             time.sleep(0.05)
@@ -188,6 +184,4 @@ class Gateway:
 
 def triton_address(host: str, grpc_port: int) -> str:
     """Where the gateway reaches Triton's gRPC: a wildcard listen address is reached on loopback."""
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1" if host != "::" else "::1"
-    return f"[{host}]:{grpc_port}" if ":" in host else f"{host}:{grpc_port}"
+    return hostport({"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host), grpc_port)

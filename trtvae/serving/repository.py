@@ -26,7 +26,7 @@ from ..precision import DTYPES
 from .models import model_decls
 
 BACKENDS = ("tensorrt", "onnx", "python")
-RUNTIMES = ("auto", "tensorrt", "onnxruntime")
+RUNTIMES = ("auto", "tensorrt", "onnxruntime")  # swap.BACKENDS, not imported: swap pulls in torch
 MODEL_PY = '''"""Triton Python backend entry of a trtvae served model: the implementation is trtvae's own."""
 from trtvae.serving.python_backend import TritonPythonModel  # noqa: F401
 '''

@@ -123,7 +123,7 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
         except (ImportError, RuntimeError, OSError, ValueError) as e:  # --backend tensorrt where it cannot run
             raise ServeError(f"--backend {backend}: {first_line(e)}") from None
         out(f"runtime: {type(runtime).__name__} ({reason})")
-        if note := assumed_family_note(runtime.manifest):
+        if note := assumed_family_note(manifest):
             out(f"! {note} (vae_decode_image unscales with it)")
         resolved = runtime.backend
         del runtime
