@@ -93,6 +93,5 @@ def needs_fp32_norm(audit: AuditResult) -> str | None:
     over = norms_over_limit(audit)
     if not over:
         return None
-    return (f"GroupNorm variance {over[0].norm_var_max:.3g} at {over[0].name} (and {len(over) - 1} more) "
-            f"exceeds {NORM_VAR_LIMIT:g}" if len(over) > 1 else
-            f"GroupNorm variance {over[0].norm_var_max:.3g} at {over[0].name} exceeds {NORM_VAR_LIMIT:g}")
+    more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
+    return f"GroupNorm variance {over[0].norm_var_max:.3g} at {over[0].name}{more} exceeds {NORM_VAR_LIMIT:g}"

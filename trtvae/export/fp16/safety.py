@@ -89,8 +89,9 @@ def make_fp16_safe(vae, components, out: Path | None, rescale_enabled: bool = Tr
                       f"(fp32 GroupNorm statistics do not fix overflowing activations), verify will judge it"
                       f"{inspect_only}[/]")
     # The statistics of the graph that is exported are judged: the rescaled copy's where rescaling ran.
-    why = needs_fp32_norm(after or audit)
-    record["norm_stats"] = {"var_max": max((s.norm_var_max or 0.0 for s in (after or audit).layers), default=0.0),
+    judged = after or audit
+    why = needs_fp32_norm(judged)
+    record["norm_stats"] = {"var_max": max((s.norm_var_max or 0.0 for s in judged.layers), default=0.0),
                             "fp32": fp32_norm or why is not None, "reason": "--fp32-norm" if fp32_norm else why}
     if why and not fp32_norm:
         record["fp32_norm"] = True
