@@ -40,6 +40,11 @@ class ExactTilingMixin:
         """Run segment graph `step` of `component` on named inputs (x, mean, rstd, residual); return y."""
         raise NotImplementedError
 
+    def _boundary_device(self, x: torch.Tensor) -> torch.device:
+        """Where the boundary tensors between segments live: with the input by default (a backend may keep
+        them in host memory, so its device holds one window at a time, not the image)."""
+        return x.device
+
     def _exact_core(self, component: str) -> int:
         """Core side in pixels of the component's input (the blend mode's tile, without its overlap)."""
         return self._tile_sizes(component)[0]
@@ -50,7 +55,7 @@ class ExactTilingMixin:
         ratios = resolution_ratios(steps)
         next_norm = {s.source: s.norm for s in steps if s.norm is not None}  # the GroupNorm applied to a step's output
         core0 = self._exact_core(component)
-        outputs, stats = {-1: x}, {}
+        outputs, stats = {-1: x.to(self._boundary_device(x))}, {}
         for step in steps:
             src = outputs[step.source]
             inputs = {}
@@ -75,7 +80,7 @@ class ExactTilingMixin:
             for used in {step.source, step.residual} - {None, -1}:
                 if last.get(used) == step.index:
                     del outputs[used]  # a boundary tensor lives until its last reader has run
-        return outputs[steps[-1].index].to(x.dtype)  # activations travel in float32 between segments
+        return outputs[steps[-1].index].to(x.device, x.dtype)  # activations travel in float32 between segments
 
     def _run_attention_rows(self, component, step, qkv, residual, collect) -> torch.Tensor:
         """Attention in chunks of query rows against every key and value: exact, softmax rows are independent."""
