@@ -44,6 +44,24 @@ def _options_from(args: argparse.Namespace, cls, **extra):
     return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)}, **extra)
 
 
+def _tile(text: str) -> int:
+    """--tile: whole image pixels, at least 0 (the export's own multiple is checked against its manifest)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 (no tiling) or the tile side in image pixels, "
+                                         "e.g. 1024")
+    return value
+
+
+_TILE_HELP = ("requests larger than this many image pixels a side are tiled exactly, from the export's segment "
+              "graphs: the same result as an untiled run at bounded memory (default: the model's own "
+              "sample_size, e.g. 1024 for SDXL; 0: never tile). An export without segment graphs (or TRTVae) "
+              "runs untiled: blend tiling would change the image")
+
+
 def export_parser() -> argparse.ArgumentParser:
     from .export.options import ExportOptions
 
@@ -104,6 +122,7 @@ def triton_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="python: the runtime each model loads in the server (default auto: TensorRT where its "
                         "engines can run, else ONNX Runtime)")
+    p.add_argument("--tile", type=_tile, default=defaults.SERVE_TILE, metavar="PX", help="python: " + _TILE_HELP)
     return p
 
 
@@ -139,6 +158,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         "http://HOST:PORT/decode and /encode, through the Triton models (default off)")
     p.add_argument("--hybrid-max-body", type=int, default=defaults.HYBRID_MAX_BODY,
                    help="bytes: a larger request body is refused (413) before it is read (default %(default)s)")
+    p.add_argument("--tile", type=_tile, default=defaults.SERVE_TILE, metavar="PX", help=_TILE_HELP)
     return p
 
 
@@ -217,7 +237,7 @@ def _triton(argv) -> int:
     from .serving.repository import write_triton_repo
 
     for folder in write_triton_repo(args.export_dir, args.repo, args.backend, args.prefix, args.max_batch,
-                                    instances=args.instances, runtime=args.runtime):
+                                    instances=args.instances, runtime=args.runtime, tile=args.tile):
         print(f"wrote {folder}/config.pbtxt")
     return 0
 
@@ -231,7 +251,8 @@ def _serve(argv) -> int:
     return serve(args.export_dir, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port, backend=args.backend, max_batch=args.max_batch,
                  instances=args.instances, prefix=args.prefix, dynamic_batching=args.dynamic_batching,
-                 out=partial(print, flush=True), hybrid_port=args.hybrid_port, hybrid_max_body=args.hybrid_max_body)
+                 out=partial(print, flush=True), hybrid_port=args.hybrid_port, hybrid_max_body=args.hybrid_max_body,
+                 tile=args.tile)
 
 
 def _doctor(argv) -> int:

@@ -26,6 +26,9 @@ TILE_SAMPLE_SIZE = 1024  # used when the config has no sample_size
 AUDIT_ROWS = 12
 AUDIT_ROWS_EXPORT = 5  # the export prints a shorter table when fp16 is safe
 
+# The runtimes `attach`, `serve` and served models load; the first is the default (TensorRT where it can run).
+RUNTIMES = ("auto", "tensorrt", "onnxruntime")
+
 # Triton
 TRITON_PREFIX = "vae"
 TRITON_MAX_BATCH = 4
@@ -34,6 +37,10 @@ SERVE_HOST = "127.0.0.1"  # loopback unless asked: a VAE server has no authentic
 SERVE_HTTP_PORT = 8000
 SERVE_GRPC_PORT = 8001
 SERVE_METRICS_PORT = 8002
+# Served models tile requests larger than this many image pixels a side, exactly (segment graphs: the same
+# result as one run, at bounded memory). None: the model's own `sample_size`, which is the tile its runtime's
+# `enable_tiling()` uses (TILE_SAMPLE_SIZE without one; 1024 for SDXL); 0: never tile.
+SERVE_TILE = None
 # diffusers' remote VAE protocol (`serve --hybrid-port`): a request body over this many bytes is refused (413)
 # before it is read whole. Sized for a batch of 4 latents of a 4096² FLUX decode (4 × 16×512×512 fp32 = 64 MiB),
 # which also holds an encode's PNG of a 4096² image (at most 48 MiB of raw RGB, and PNG compresses).

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import warnings
 
+from . import defaults
 from .errors import first_line
 from .runtime.base import VaeRuntime
 
 logger = logging.getLogger("trtvae")
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+BACKENDS = defaults.RUNTIMES
 _ALIASES = {"trt": "tensorrt", "ort": "onnxruntime"}
 
 

@@ -77,7 +77,7 @@ def test_python_repository_is_self_contained(tmp_path, tiny_fp16):
 
     assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(2, "KIND_CPU")]
     assert {k: v.string_value for k, v in config.parameters.items()} == \
-        {"trtvae_model": "decode_image", "prefix": "vae", "runtime": "auto"}  # no export_dir: it travels along
+        {"trtvae_model": "decode_image", "prefix": "vae", "runtime": "auto", "tile": "auto"}  # no export_dir: it travels
     export = repo / "vae_encoder" / "1" / "export"
     # The encoder's graph and its exact-tiling segment graphs travel, nothing of the decoder's.
     encoder_files = sorted(p.name for p in tiny_fp16.glob("encoder*.onnx"))
@@ -88,6 +88,8 @@ def test_python_repository_is_self_contained(tmp_path, tiny_fp16):
     narrowed = json.loads((export / "manifest.json").read_text())
     assert list(narrowed["components"]) == ["encoder"] and narrowed["vae_config"]["scaling_factor"] == 0.5
     assert "TritonPythonModel" in (repo / "vae_encoder" / "1" / "model.py").read_text()
+    write_triton_repo(tiny_fp16, repo, backend="python", tile=64)
+    assert read_config(repo / "vae_decoder" / "config.pbtxt").parameters["tile"].string_value == "64"
     # Rewritten for another backend, nothing of the Python models stays behind in a shared name.
     write_triton_repo(tiny_fp16, repo, backend="onnx")
     assert not (repo / "vae_decoder" / "1" / "model.py").exists()
@@ -125,7 +127,8 @@ def test_python_repository_loads_in_the_bundled_tritonserver(tmp_path, tiny_fp16
         z = np.random.default_rng(0).standard_normal((3, 4, 5, 7)).astype(np.float16)
         out = infer(http, f"127.0.0.1:{server.http_port}", "vae_decoder", "latent_sample", z, "sample")
         np.testing.assert_array_equal(out, OrtVae.from_pretrained(tiny_fp16).decode(torch.from_numpy(z)).sample.numpy())
-        assert "runs OrtVae on cpu" in server.log_tail(200)
+        log = server.log_tail(200)
+        assert "runs OrtVae on cpu" in log and "tiling: exact above 32 px a side" in log  # TINY_CONFIG's sample_size
     finally:
         server.stop()
     assert processes_mentioning(str(repo)) == []

@@ -1,8 +1,9 @@
 """The served models as Triton's Python backend: `TritonPythonModel`, imported by each model's `1/model.py`.
 
 The model's config.pbtxt parameters say which model it is (`trtvae_model`), where the export is
-(`export_dir`, default `1/export` inside the model folder) and which runtime to use (`runtime`:
-auto, tensorrt or onnxruntime).
+(`export_dir`, default `1/export` inside the model folder), which runtime to use (`runtime`:
+auto, tensorrt or onnxruntime) and above which size to tile exactly (`tile`: image pixels a side,
+"auto" for the model's own sample_size, 0 for never; see models.py).
 
 Invariants:
 - `initialize` loads the runtime and runs one warm-up inference, so a model Triton calls ready is
@@ -23,7 +24,7 @@ import os
 import numpy as np
 
 from ..errors import TrtvaeError, first_line
-from .models import ServedModel, model_decls
+from .models import ServedModel, check_tile, model_decls, parse_tile
 
 logger = logging.getLogger("trtvae.serving")
 
@@ -56,13 +57,15 @@ class TritonPythonModel:
             if kind not in decls:
                 raise ValueError(f"parameter trtvae_model={kind!r}, expected one of {sorted(decls)} for the export "
                                  f"in {export_dir}")
+            tile = parse_tile(params.get("tile", "auto"))
+            check_tile(tile, manifest["vae_config"], "parameter tile")
             runtime, reason = load_runtime(export_dir, params.get("runtime", "auto"))
-            self.model = ServedModel(decls[kind], runtime)
+            self.model = ServedModel(decls[kind], runtime, tile)
             shape = self.model.warm_up()
         except Exception as e:  # noqa: BLE001 - Triton shows this one line as the model's load error
             raise RuntimeError(f"model {self.name} cannot load: {type(e).__name__}: {first_line(e)}") from None
         self._log(f"trtvae: {self.name} runs {type(runtime).__name__} on {runtime.device} ({reason}); "
-                  f"warm-up inference {list(shape)} done")
+                  f"warm-up inference {list(shape)} done; tiling: {self.model.tiling}")
 
     def _log(self, message: str, warn: bool = False) -> None:
         log = getattr(self._pb, "Logger", None)

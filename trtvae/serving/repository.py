@@ -6,7 +6,8 @@ Backends:
 - `python`: the three served models of `models.py` (decoder, encoder, decode_image) on Triton's Python
   backend: `1/model.py` imports trtvae's `TritonPythonModel`, and `1/export/` holds the manifest and the
   files that model needs, so the repository is self-contained (trtvae itself must be installed in the
-  server's Python). `vae-export serve` runs this same repository.
+  server's Python). `vae-export serve` runs this same repository. Their config.pbtxt parameters carry
+  the runtime and the exact-tiling size (`tile`, see models.py); Triton's native backends never tile.
 
 With `max_batch_size > 0` Triton's dims omit the batch dim; -1 marks a size the model accepts in a range.
 Triton batches only requests of the same shape.
@@ -23,10 +24,10 @@ from ..errors import OptionError
 from ..files import atomic_path
 from ..manifest import component_file, engine_profiles, read_manifest, write_manifest
 from ..precision import DTYPES
-from .models import model_decls
+from .models import check_tile, model_decls
 
 BACKENDS = ("tensorrt", "onnx", "python")
-RUNTIMES = ("auto", "tensorrt", "onnxruntime")  # swap.BACKENDS, not imported: swap pulls in torch
+RUNTIMES = defaults.RUNTIMES
 MODEL_PY = '''"""Triton Python backend entry of a trtvae served model: the implementation is trtvae's own."""
 from trtvae.serving.python_backend import TritonPythonModel  # noqa: F401
 '''
@@ -101,7 +102,8 @@ def check_model_options(prefix: str, max_batch: int, instances: int) -> None:
 
 def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str = defaults.TRITON_PREFIX,
                       max_batch: int = defaults.TRITON_MAX_BATCH, instances: int = defaults.TRITON_INSTANCES, runtime: str = "auto",
-                      dynamic_batching: bool = True, export_in_place: bool = False) -> list:
+                      dynamic_batching: bool = True, export_in_place: bool = False,
+                      tile: int | None = defaults.SERVE_TILE) -> list:
     """Write one Triton model per served model; return the model folders written.
 
     Args:
@@ -114,22 +116,28 @@ def write_triton_repo(export_dir, repo, backend: str = "tensorrt", prefix: str =
         instances, runtime, dynamic_batching: Python backend only: model instances, the runtime the
             model loads (auto, tensorrt, onnxruntime), and Triton's dynamic batching on or off.
         export_in_place: Python backend only: point the models at `export_dir` instead of copying it.
+        tile: Python backend only: requests larger than this many image pixels a side are tiled exactly
+            where the export holds segment graphs (None: the model's own sample_size; 0: never).
     """
     if backend not in BACKENDS:
         raise OptionError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if runtime not in RUNTIMES:
         raise OptionError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     check_model_options(prefix, max_batch, instances)
+    if tile is not None and backend != "python":
+        raise OptionError(f"--tile {tile!r}: only --backend python tiles (Triton's {backend} backend runs the "
+                          "whole graph); leave --tile out")
     if Path(repo).exists() and not Path(repo).is_dir():
         raise OptionError(f"--repo {repo}: is a file, expected a folder (the model repository)")
     manifest = read_manifest(export_dir)
+    check_tile(tile, manifest["vae_config"])
     if backend == "python" and manifest["io_dtype"] not in ("float32", "float16"):
         raise OptionError(f"--backend python serves fp32 and fp16 exports; this one is {manifest['precision']} "
                           "(Triton's Python backend hands tensors over as numpy, which has no bfloat16): "
                           "use --backend tensorrt, or export with --precision fp16")
     if backend == "python":
         return [_write_python_model(export_dir, manifest, repo, d, max_batch, instances, runtime, prefix,
-                                    dynamic_batching, export_in_place) for d in model_decls(manifest, prefix)]
+                                    dynamic_batching, export_in_place, tile) for d in model_decls(manifest, prefix)]
     return [_write_native_model(export_dir, manifest, repo, backend, component, prefix, max_batch)
             for component in manifest["components"]]
 
@@ -171,10 +179,11 @@ def _write_native_model(export_dir, manifest, repo, backend, component, prefix, 
 
 
 def _write_python_model(export_dir, manifest, repo, decl, max_batch, instances, runtime, prefix,
-                        dynamic_batching, export_in_place) -> Path:
+                        dynamic_batching, export_in_place, tile) -> Path:
     folder = Path(repo) / decl.name
     _clear_version(folder, keep="model.py")
-    params = {"trtvae_model": decl.kind, "prefix": prefix, "runtime": runtime}
+    params = {"trtvae_model": decl.kind, "prefix": prefix, "runtime": runtime,
+              "tile": "auto" if tile is None else tile}
     if export_in_place:
         params["export_dir"] = str(Path(export_dir).resolve())
     else:

@@ -73,9 +73,10 @@ def describe(decl) -> str:
 
 
 def check_serve_options(directory, host: str, ports: dict, backend: str, max_batch: int, instances: int,
-                        prefix: str) -> dict:
+                        prefix: str, tile: int | None = defaults.SERVE_TILE) -> dict:
     """Every `serve` option, before anything starts; returns the export's manifest."""
     from ..manifest import read_manifest
+    from .models import check_tile
     from .repository import RUNTIMES, check_model_options
 
     if backend not in RUNTIMES:
@@ -84,6 +85,7 @@ def check_serve_options(directory, host: str, ports: dict, backend: str, max_bat
     if not Path(directory).is_dir():
         raise OptionError(f"{directory}: not a folder; expected an export folder written by vae-export")
     manifest = read_manifest(directory)  # a folder without a finished export fails here
+    check_tile(tile, manifest["vae_config"])
     check_ports(host, ports)
     return manifest
 
@@ -93,12 +95,15 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
           backend: str = "auto", max_batch: int = defaults.TRITON_MAX_BATCH, instances: int = defaults.TRITON_INSTANCES,
           prefix: str = defaults.TRITON_PREFIX,
           dynamic_batching: bool = True, stop_event: threading.Event | None = None, out=print,
-          hybrid_port: int | None = None, hybrid_max_body: int = defaults.HYBRID_MAX_BODY) -> int:
+          hybrid_port: int | None = None, hybrid_max_body: int = defaults.HYBRID_MAX_BODY,
+          tile: int | None = defaults.SERVE_TILE) -> int:
     """Serve the export in `directory` until SIGINT/SIGTERM (or `stop_event`); return the exit code.
 
     0 after a stop while serving, 130 after a stop while starting; a model that cannot load raises
     ServeError naming the model and Triton's reason. Call it from the thread that lives as long as
-    the server: tritonserver is tied to it (parent-death signal).
+    the server: tritonserver is tied to it (parent-death signal). `tile`: requests larger than this many
+    image pixels a side are tiled exactly where the export allows (models.serve_tiling; None: the
+    model's own sample_size; 0: never).
     """
     stop_event = stop_event or threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop_event.set()) for s in (signal.SIGINT, signal.SIGTERM)} \
@@ -108,12 +113,12 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
     try:
         from ..swap import assumed_family_note, load_runtime
         from .hybrid import Gateway
-        from .models import model_decls
+        from .models import model_decls, serve_tiling
         from .repository import write_triton_repo
 
         ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port,
                  **({"--hybrid-port": hybrid_port} if hybrid_port is not None else {})}
-        manifest = check_serve_options(directory, host, ports, backend, max_batch, instances, prefix)
+        manifest = check_serve_options(directory, host, ports, backend, max_batch, instances, prefix, tile)
         # diffusers' remote VAE protocol (hybrid.py): its options checked now, listening once Triton is ready.
         gateway = None if hybrid_port is None else Gateway(manifest, prefix, host, hybrid_port, grpc_port,
                                                            hybrid_max_body)
@@ -123,6 +128,7 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
         except (ImportError, RuntimeError, OSError, ValueError) as e:  # --backend tensorrt where it cannot run
             raise ServeError(f"--backend {backend}: {first_line(e)}") from None
         out(f"runtime: {type(runtime).__name__} ({reason})")
+        out(f"tiling: {serve_tiling(runtime, tile)}")
         if note := assumed_family_note(manifest):
             out(f"! {note} (vae_decode_image unscales with it)")
         resolved = runtime.backend
@@ -130,7 +136,7 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
         repo_root = Path(tempfile.mkdtemp(prefix="trtvae-serve-"))
         repository = repo_root / "models"
         write_triton_repo(directory, repository, "python", prefix, max_batch, instances, resolved,
-                          dynamic_batching, export_in_place=True)
+                          dynamic_batching, export_in_place=True, tile=tile)
         decls = model_decls(manifest, prefix)
         models = [d.name for d in decls]
         if stop_event.is_set():
