@@ -93,10 +93,10 @@ def windows(size: int, core: int, halo: int, align: int) -> list:
 class GroupStats:
     """Exact per-sample, per-group mean and biased variance of a tensor seen in cores.
 
-    Each core's count, mean and sum of squared deviations come from torch's var_mean in the core's
-    own type, float32 (deviations from the core's own mean, never E[x²] − E[x]²: 5e-8 from float64 on a
-    mean-50 group of 2M values, at half the time of converting to float64 first); cores are merged in
-    float64 with Chan's parallel formula, so the result does not depend on how the tensor was cut.
+    Each core's count, mean and sum of squared deviations are two float32 passes (torch's cascaded sums;
+    deviations from the core's own mean, never E[x²] − E[x]²): 1.7e-7 from float64 on a mean-50 group of
+    2M values, at a sixth of torch.var_mean's time. Cores are merged in float64 with Chan's parallel
+    formula, so the result does not depend on how the tensor was cut.
     """
 
     def __init__(self, batch: int, groups: int, channels: int):
@@ -109,9 +109,9 @@ class GroupStats:
 
     def add(self, core: torch.Tensor) -> None:
         grouped = core.unflatten(1, (self.groups, -1))  # a view: a cropped core is not copied
-        var, mean = torch.var_mean(grouped, dim=(2, 3, 4), correction=0)
-        n = grouped[0, 0].numel()
-        self._merge(n, mean.cpu().double(), var.cpu().double() * n)
+        mean = grouped.mean(dim=(2, 3, 4), keepdim=True)
+        m2 = (grouped - mean).square_().sum(dim=(2, 3, 4))
+        self._merge(grouped[0, 0].numel(), mean.flatten(1).cpu().double(), m2.cpu().double())
 
     def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         total = self.count + n
