@@ -178,7 +178,8 @@ def test_a_window_outside_the_plans_is_refused_with_the_limit(tiny_fp32):
     vae = _cpu_trtvae(tiny_fp32, manifest)
     vae.enable_tiling()
     with pytest.raises(ValueError, match=r"decoder segment \d+ \(mid_block.attentions.0.rows\): kv \(1, 128, 40, 20\) "
-                                         r"outside its TensorRT plan's profile .*EXACT_MAX_IMAGE_SIDE"):
+                                         r"is outside min \[1, 128, 1, 1\] max \[2, 128, 30, 4096\] of its "
+                                         r"TensorRT plan; .*EXACT_MAX_IMAGE_SIDE"):
         vae.decode(_rand((1, 4, 40, 20), seed=13))
 
 

@@ -37,6 +37,11 @@ def import_tensorrt():
     return trt
 
 
+def _label(plan) -> str:
+    """A plan key in words: "decoder engine", or "decoder segment 3 plan" for (component, step)."""
+    return f"{plan[0]} segment {plan[1]} plan" if isinstance(plan, tuple) else f"{plan} engine"
+
+
 @dataclass
 class _Slot:
     """One execution context bound to one profile, with its stream and its device memory."""
@@ -187,12 +192,13 @@ class TRTVae(VaeRuntime):
             rows = []
             for r0 in range(0, height, span):  # softmax rows are independent: exact in any chunks
                 feed = {n: t if n == "kv" or span == height else t[:, :, r0:r0 + span] for n, t in part.items()}
-                outside = [f"{n} {tuple(t.shape)}" for n, t in feed.items() if not contains(limits[n], t.shape)]
+                outside = [f"{n} {tuple(t.shape)} is outside min {limits[n]['min']} max {limits[n]['max']}"
+                           for n, t in feed.items() if not contains(limits[n], t.shape)]
                 if outside:
                     raise ValueError(
-                        f"{component} segment {step.index} ({step.name}): {', '.join(outside)} outside its TensorRT "
-                        f"plan's profile ({limits}); exact tiling on TensorRT takes images up to the side the "
-                        "export built its plans for (trtvae.defaults.EXACT_MAX_IMAGE_SIDE); OrtVae takes any size")
+                        f"{component} segment {step.index} ({step.name}): {'; '.join(outside)} of its TensorRT plan; "
+                        "exact tiling on TensorRT takes images up to the side the export built its plans for "
+                        "(trtvae.defaults.EXACT_MAX_IMAGE_SIDE); OrtVae takes any size")
                 rows.append(self._execute((component, step.index), 0, {n: t.to(dtype=io_types[n]) for n, t in
                                                                        feed.items()}, "y", io_types["y"]))
             parts.append(torch.cat(rows, dim=2) if len(rows) > 1 else rows[0])
@@ -243,7 +249,7 @@ class TRTVae(VaeRuntime):
             # engine was built with RUNTIME_ACTIVATION_RESIZE_10_10), not always the profile max.
             context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if context is None:
-                raise RuntimeError(f"TensorRT could not create an execution context for the {plan} plan")
+                raise RuntimeError(f"TensorRT could not create an execution context for the {_label(plan)}")
             # From torch's per-device pool: two slots may draw the same stream, which only serializes them.
             stream = torch.cuda.Stream(self._device)
             context.set_optimization_profile_async(index, stream.cuda_stream)
@@ -274,10 +280,10 @@ class TRTVae(VaeRuntime):
         context = slot.context
         for name, t in inputs.items():
             if not context.set_input_shape(name, tuple(t.shape)):
-                raise ValueError(f"TensorRT refused shape {tuple(t.shape)} for {name!r} of the {plan} plan")
+                raise ValueError(f"TensorRT refused shape {tuple(t.shape)} for {name!r} of the {_label(plan)}")
         shape = tuple(context.get_tensor_shape(output))
         if any(d < 0 for d in shape):
-            raise RuntimeError(f"TensorRT left output {output!r} of the {plan} plan unresolved: {shape}")
+            raise RuntimeError(f"TensorRT left output {output!r} of the {_label(plan)} unresolved: {shape}")
         return shape
 
     def _enqueue(self, slot: _Slot, plan, tensors: dict) -> None:
@@ -285,7 +291,7 @@ class TRTVae(VaeRuntime):
         context = slot.context
         need = context.update_device_memory_size_for_shapes()
         if need <= 0:
-            raise RuntimeError(f"TensorRT could not size device memory for the {plan} plan")
+            raise RuntimeError(f"TensorRT could not size device memory for the {_label(plan)}")
         if slot.memory is None or slot.memory.numel() < need:
             slot.memory = torch.empty(need, dtype=torch.uint8, device=self._device)
         if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1: pointer and size, set every call
@@ -293,6 +299,6 @@ class TRTVae(VaeRuntime):
         else:
             context.device_memory = slot.memory.data_ptr()
         if not all(context.set_tensor_address(name, t.data_ptr()) for name, t in tensors.items()):
-            raise RuntimeError(f"TensorRT refused the I/O addresses of the {plan} plan")
+            raise RuntimeError(f"TensorRT refused the I/O addresses of the {_label(plan)}")
         if not context.execute_async_v3(slot.stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution failed for the {plan} plan")
+            raise RuntimeError(f"TensorRT execution failed for the {_label(plan)}")
