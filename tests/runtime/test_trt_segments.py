@@ -1,4 +1,4 @@
-"""TRTVae's exact tiling around its TensorRT calls, on the CPU: segment profiles, the windows and chunks it feeds, options.
+"""TRTVae's exact tiling around its TensorRT calls, on the CPU: segment profiles, windows and chunks fed, options.
 
 No TensorRT here: a TRTVae is made without it and its one TensorRT call (`_execute`) runs the same segment
 graph on ONNX Runtime instead, after checking each input against the plan's profile the way TensorRT
