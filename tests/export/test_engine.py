@@ -186,3 +186,25 @@ def test_the_timing_cache_record_reaches_the_manifest(monkeypatch, tmp_path):
     run._build_engines(tmp_path, manifest, SPECS, ExportOptions(components=("decoder",)))
     assert manifest["timing_cache"] == {"file": TIMING_CACHE, **HERE}
     assert manifest["components"]["decoder"]["engine"] == {"file": "decoder.plan"}
+
+
+def test_component_engines_and_segment_plans_share_one_build(monkeypatch, tmp_path):
+    import trtvae.export.engine as engine
+    from trtvae.profiles import make_profile
+
+    calls = []
+
+    def fake_plan(onnx_path, plan_path, what, profiles, io_types, options, monitor=True):
+        calls.append((what, profiles, io_types, monitor))
+        return {"file": plan_path.name, "profiles": profiles, "build": {"strongly_typed": True}}
+
+    monkeypatch.setattr(engine, "build_plan", fake_plan)
+    options = engine.EngineOptions(profiles=[make_profile(8)], profile_options=["batch=1-4,resolution=512-1536"])
+    entry = engine.build_engine(tmp_path / "decoder.onnx", tmp_path / "decoder.plan", SPECS["decoder"], 8, "fp16",
+                                options)
+    # The default profile in latents: 512/8, 1024/8 (opt), 1536/8; batch 1-4.
+    assert calls == [("decoder engine", [{"latent_sample": {"min": [1, 4, 64, 64], "opt": [1, 4, 128, 128],
+                                                              "max": [4, 4, 192, 192]}}],
+                      {"latent_sample": "float16", "sample": "float16"}, True)]
+    assert entry["profiles_px"] == [{"batch": [1, 1, 4], "height": [512, 1024, 1536], "width": [512, 1024, 1536]}]
+    assert entry["build"] == {"strongly_typed": True, "profile_options": ["batch=1-4,resolution=512-1536"]}
