@@ -44,11 +44,10 @@ def _label(plan) -> str:
 
 @dataclass
 class _Slot:
-    """One execution context bound to one profile, with its stream and its device memory."""
+    """One execution context bound to one profile, with its stream."""
 
     context: object
     stream: torch.cuda.Stream
-    memory: torch.Tensor | None = None
 
 
 class ContextPool:
@@ -266,12 +265,16 @@ class TRTVae(VaeRuntime):
             inputs = {name: aligned(t.to(self._device, non_blocking=True)) for name, t in inputs.items()}
             with self._pool.acquire((plan, index)) as slot:
                 shape = self._set_shapes(slot, plan, inputs, output)
-                out = aligned_empty(shape, dtype, self._device)  # on the caller's stream, which frees it
-                # The slot's stream serializes every use of its context and memory on the GPU, even for
-                # callers on different streams; the lock alone only orders the enqueues.
+                # Output and execution memory come from the caller's stream, which frees them after the slot's
+                # stream is done: dozens of segment contexts run one after another and hold none of it between
+                # calls, and torch's cache hands one context's freed memory to the next.
+                out = aligned_empty(shape, dtype, self._device)
+                memory = self._execution_memory(slot, plan)
+                # The slot's stream serializes every use of its context on the GPU, even for callers on
+                # different streams; the lock alone only orders the enqueues.
                 slot.stream.wait_stream(caller)
                 with torch.cuda.stream(slot.stream):
-                    self._enqueue(slot, plan, {**inputs, output: out})
+                    self._enqueue(slot, plan, {**inputs, output: out}, memory)
                 caller.wait_stream(slot.stream)
         return out
 
@@ -286,18 +289,22 @@ class TRTVae(VaeRuntime):
             raise RuntimeError(f"TensorRT left output {output!r} of the {_label(plan)} unresolved: {shape}")
         return shape
 
-    def _enqueue(self, slot: _Slot, plan, tensors: dict) -> None:
-        """Run one inference on the slot's stream (the current stream when called), shapes already set."""
+    def _execution_memory(self, slot: _Slot, plan) -> torch.Tensor:
+        """The context's scratch memory for the shapes just set (USER_MANAGED), from torch's allocator."""
         context = slot.context
         need = context.update_device_memory_size_for_shapes()
         if need <= 0:
             raise RuntimeError(f"TensorRT could not size device memory for the {_label(plan)}")
-        if slot.memory is None or slot.memory.numel() < need:
-            slot.memory = torch.empty(need, dtype=torch.uint8, device=self._device)
+        return torch.empty(need, dtype=torch.uint8, device=self._device)
+
+    @staticmethod
+    def _enqueue(slot: _Slot, plan, tensors: dict, memory: torch.Tensor) -> None:
+        """Run one inference on the slot's stream (the current stream when called), shapes already set."""
+        context = slot.context
         if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1: pointer and size, set every call
-            context.set_device_memory(slot.memory.data_ptr(), slot.memory.numel())
+            context.set_device_memory(memory.data_ptr(), memory.numel())
         else:
-            context.device_memory = slot.memory.data_ptr()
+            context.device_memory = memory.data_ptr()
         if not all(context.set_tensor_address(name, t.data_ptr()) for name, t in tensors.items()):
             raise RuntimeError(f"TensorRT refused the I/O addresses of the {_label(plan)}")
         if not context.execute_async_v3(slot.stream.cuda_stream):
