@@ -252,6 +252,41 @@ def test_the_export_builds_one_plan_per_segment_with_the_graphs_own_io(monkeypat
             assert shapes[v.name]["min"][0] == 1 and shapes[v.name]["max"][0] == 3
 
 
+def test_a_segment_plan_tensorrt_cannot_build_costs_exact_tiling_not_the_export(monkeypatch, tmp_path, tiny_fp32):
+    import shutil
+
+    import trtvae.export.run as run
+    import trtvae.export.segment_plans as segment_plans
+    from trtvae.errors import ExportError
+    from trtvae.export.options import ExportOptions
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_fp32, folder)
+
+    def fake_plan(onnx_path, plan_path, what, profiles, io_types, options, monitor=True):
+        if "attentions" in what:
+            raise ExportError(f"TensorRT failed to build the {what}: out of tactics")
+        plan_path.write_bytes(b"plan")
+        return {"file": plan_path.name, "profiles": profiles}
+
+    monkeypatch.setattr(run, "engines_unavailable_reason", lambda: None)
+    monkeypatch.setattr(run, "build_engine", lambda onnx_path, plan_path, *a: {"file": plan_path.name})
+    monkeypatch.setattr(segment_plans, "build_plan", fake_plan)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    run._build_engines(folder, manifest, component_specs(manifest["vae_config"]),
+                      ExportOptions(components=("decoder", "encoder")))
+    for name in ("decoder", "encoder"):
+        segments = manifest["components"][name]["segments"]
+        assert "out of tactics" in segments["plans_error"]
+        assert not any("engine" in step for step in segments["steps"])
+        assert not list(folder.glob(f"{name}.segment*.plan"))  # the plans built before the failure are gone
+    assert manifest["components"]["decoder"]["engine"] == {"file": "decoder.plan"}  # the export goes on
+    vae = _cpu_trtvae(folder, manifest)
+    assert "could not build TensorRT plans for the decoder segment graphs (TensorRT failed" in \
+        vae._exact_unavailable("decoder")
+    assert vae.tiling_mode == "blend"
+
+
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU")

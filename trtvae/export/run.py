@@ -162,8 +162,9 @@ def _build_engines(out: Path, manifest: dict, specs: dict, opts: ExportOptions) 
         manifest["components"][name]["engine"] = entry
         if "segments" in manifest["components"][name]:  # exact tiling's graphs, one plan each
             with stage(f"build {name} segment plans") as info:
-                build_segment_plans(out, manifest, name, specs[name], options)
-                info["detail"] = f"{len(manifest['components'][name]['segments']['steps'])} plans"
+                built = build_segment_plans(out, manifest, name, specs[name], options)
+                info["detail"] = f"{len(manifest['components'][name]['segments']['steps'])} plans" if built else \
+                    "none (see above)"
     record = read_timing_cache_record(out)
     if record:  # where the timing cache was made: a build elsewhere moves it aside instead of re-timing forever
         manifest["timing_cache"] = record

@@ -144,6 +144,10 @@ class TRTVae(VaeRuntime):
         if (why := super()._exact_unavailable(component)) is not None:
             return why
         if segment_plans(self.manifest, component) is None:
+            failed = self.manifest["components"][component]["segments"].get("plans_error")
+            if failed:
+                return (f"the export could not build TensorRT plans for the {component} segment graphs ({failed}); "
+                        f"OrtVae tiles {self.directory} exactly")
             return (f"{self.directory} holds {component} segment graphs but no TensorRT plans for them (exported "
                     "where engines were not built, or by an older trtvae): re-export with --engines required for "
                     "exact tiling on TensorRT; OrtVae tiles this folder exactly")
