@@ -53,7 +53,8 @@ def build_segment_plans(folder: Path, manifest: dict, component: str, spec, opti
                     (folder / segment_plan_name(built["file"])).unlink(missing_ok=True)
             segments["plans_error"] = first_line(e, 300)
             console.print(f"[yellow]! no TensorRT plans for the {component} segment graphs (exact tiling on "
-                          f"TensorRT; OrtVae still tiles exactly):[/] {escape(segments['plans_error'])}", soft_wrap=True)
+                          f"TensorRT; OrtVae still tiles exactly):[/] {escape(segments['plans_error'])}",
+                          soft_wrap=True)
             return False
         console.print(f"    [dim]{plan.name} ({step['name']}): {time.perf_counter() - start:.1f} s[/]")
     return True
