@@ -94,3 +94,39 @@ def test_triton_refuses_an_outside_plan(tmp_path, tiny_fp32, capsys):
     _set(folder, "decoder", "engine", "../other/decoder.plan")
     assert main(["triton", str(folder), "--repo", str(tmp_path / "repo")]) == 1
     assert "points outside" in capsys.readouterr().err
+
+
+def test_segment_plans_are_read_once_checked_and_kept_inside(tmp_path, tiny_fp32):
+    from trtvae.manifest import referenced_files, segment_bytes, segment_plans
+
+    folder = _copy(tmp_path, tiny_fp32)
+    manifest = read_manifest(folder)
+    assert segment_plans(manifest, "decoder") is None  # ONNX segment graphs only: exported without TensorRT
+    steps = manifest["components"]["decoder"]["segments"]["steps"]
+    plans = {}
+    for i, step in enumerate(steps):
+        plans[i] = f"plan {i}".encode()
+        name = step["file"].replace(".onnx", ".plan")
+        (folder / name).write_bytes(plans[i])
+        step["engine"] = {"file": name, "sha256": hashlib.sha256(plans[i]).hexdigest()}
+    assert [p["file"] for p in segment_plans(manifest, "decoder")] == [f"decoder.segment{i:02d}.plan"
+                                                                       for i in range(len(steps))]
+    assert segment_bytes(folder, manifest, "decoder", 3, key="engine") == plans[3]
+    assert segment_bytes(folder, manifest, "decoder", 3) == (folder / steps[3]["file"]).read_bytes()
+    # A re-export removes old plans as its own files, not as the user's.
+    assert {"decoder.segment03.plan", "decoder.segment03.onnx"} <= referenced_files(manifest)
+
+    (folder / "decoder.segment03.plan").write_bytes(b"plan 3 swapped")
+    with pytest.raises(ManifestError, match=r"decoder.segment03.plan: sha256 .* does not match the manifest"):
+        segment_bytes(folder, manifest, "decoder", 3, key="engine")
+    (folder / "decoder.segment04.plan").unlink()
+    with pytest.raises(ManifestError, match="decoder.segment04.plan is listed in the manifest but missing"):
+        segment_bytes(folder, manifest, "decoder", 4, key="engine")
+    (tmp_path / "other.plan").write_bytes(plans[5])  # same bytes, outside the folder
+    steps[5]["engine"]["file"] = "../other.plan"
+    with pytest.raises(ManifestError, match="component 'decoder' segment 5: file '../other.plan' points outside"):
+        segment_bytes(folder, manifest, "decoder", 5, key="engine")
+    with pytest.raises(ManifestError, match="manifest lists no segment 99 'engine' file for component 'decoder'"):
+        segment_bytes(folder, manifest, "decoder", 99, key="engine")
+    del steps[6]["engine"]
+    assert segment_plans(manifest, "decoder") is None  # one step without a plan: no exact tiling on TensorRT

@@ -21,6 +21,9 @@ TILE_OVERLAP_FACTOR = 0.25
 # Exact tiling runs the mid-block attention in query-row chunks whose scores take at most this much.
 ATTENTION_CHUNK_BYTES = 256 * 2**20
 TILE_SAMPLE_SIZE = 1024  # used when the config has no sample_size
+# TensorRT segment plans of exact tiling: the largest image side (px) their latent-resolution steps (the
+# mid-block's attention, whole-tensor steps) accept; tiled steps see one window size whatever the image.
+EXACT_MAX_IMAGE_SIDE = 8192
 
 # fp16 audit
 AUDIT_ROWS = 12

@@ -62,10 +62,24 @@ def _component_path(directory, manifest: dict, component: str, key: str) -> tupl
             f"manifest has no {key!r} file for component {component!r}; it lists: {sorted(manifest['components'])}"
         )
     info = entry[key] if isinstance(entry[key], dict) else {"file": entry[key], "sha256": entry.get("sha256")}
-    path = _inside(Path(directory), info.get("file"), f"component {component!r} {key!r}")
+    return _listed_file(directory, info, f"component {component!r} {key!r}"), info
+
+
+def _segment_path(directory, manifest: dict, component: str, index: int, key: str | None) -> tuple[Path, dict]:
+    try:
+        info = manifest["components"][component]["segments"]["steps"][index]
+        info = info if key is None else info[key]
+    except (KeyError, IndexError, TypeError):
+        what = f"segment {index}" + (f" {key!r} file" if key else "")
+        raise ManifestError(f"manifest lists no {what} for component {component!r}") from None
+    return _listed_file(directory, info, f"component {component!r} segment {index}"), info
+
+
+def _listed_file(directory, info: dict, what: str) -> Path:
+    path = _inside(Path(directory), info.get("file"), what)
     if not path.is_file():
         raise ManifestError(f"{path} is listed in the manifest but missing")
-    return path, info
+    return path
 
 
 def _check_digest(path: Path, actual: str, info: dict) -> None:
@@ -76,24 +90,28 @@ def _check_digest(path: Path, actual: str, info: dict) -> None:
         )
 
 
-def component_file(directory, manifest: dict, component: str, key: str = "onnx", check_hash: bool = True) -> Path:
+def _checked_bytes(path: Path, info: dict) -> bytes:
+    """The file, read once and checked against its sha256 in memory.
+
+    What is loaded is exactly what was hashed: a file swapped between a check and a second read
+    (a plan is executable code) is never loaded.
+    """
+    data = path.read_bytes()
+    _check_digest(path, hashlib.sha256(data).hexdigest(), info)
+    return data
+
+
+def component_file(directory, manifest: dict, component: str, key: str = "onnx") -> Path:
     """Path of a component's file, after checking it exists and matches the manifest's sha256."""
     path, info = _component_path(directory, manifest, component, key)
-    if check_hash and info.get("sha256"):
+    if info.get("sha256"):
         _check_digest(path, sha256_file(path), info)
     return path
 
 
 def component_bytes(directory, manifest: dict, component: str, key: str = "onnx") -> bytes:
-    """A component's file, read once and checked against the manifest's sha256 in memory.
-
-    What is loaded is exactly what was hashed: a file swapped between a check and a second read
-    (a plan is executable code) is never loaded.
-    """
-    path, info = _component_path(directory, manifest, component, key)
-    data = path.read_bytes()
-    _check_digest(path, hashlib.sha256(data).hexdigest(), info)
-    return data
+    """A component's file, read once and checked against the manifest's sha256."""
+    return _checked_bytes(*_component_path(directory, manifest, component, key))
 
 
 def segment_bytes(directory, manifest: dict, component: str, index: int, key: str | None = None) -> bytes:
@@ -101,18 +119,7 @@ def segment_bytes(directory, manifest: dict, component: str, index: int, key: st
 
     key: None for the ONNX file, or the name of a per-segment file entry ("engine": a TensorRT plan).
     """
-    try:
-        step = manifest["components"][component]["segments"]["steps"][index]
-        step = step if key is None else step[key]
-    except (KeyError, IndexError, TypeError):
-        what = f"segment {index}" + (f" {key!r} file" if key else "")
-        raise ManifestError(f"manifest lists no {what} for component {component!r}") from None
-    path = _inside(Path(directory), step.get("file"), f"component {component!r} segment {index}")
-    if not path.is_file():
-        raise ManifestError(f"{path} is listed in the manifest but missing")
-    data = path.read_bytes()
-    _check_digest(path, hashlib.sha256(data).hexdigest(), step)
-    return data
+    return _checked_bytes(*_segment_path(directory, manifest, component, index, key))
 
 
 def _inside(directory: Path, name, what: str) -> Path:
@@ -144,8 +151,9 @@ def referenced_files(manifest: dict) -> set:
             files.add(entry["onnx"])
         files.update(v["file"] for v in entry.values() if isinstance(v, dict) and isinstance(v.get("file"), str))
         segments = entry.get("segments")
-        if isinstance(segments, dict):
-            files.update(s["file"] for s in segments.get("steps", []) if isinstance(s.get("file"), str))
+        for step in segments.get("steps", []) if isinstance(segments, dict) else []:
+            files.update(f["file"] for f in (step, step.get("engine")) if isinstance(f, dict)
+                         and isinstance(f.get("file"), str))
     return files
 
 
@@ -161,3 +169,11 @@ def has_engines(manifest: dict) -> bool:
 def engine_profiles(entry: dict, input_name: str) -> list:
     """An engine's profiles for its one input as [{min, opt, max}]."""
     return [p[input_name] for p in entry["profiles"]]
+
+
+def segment_plans(manifest: dict, component: str) -> list | None:
+    """The TensorRT plan entries of a component's segment graphs, in step order; None unless every step has one."""
+    segments = manifest.get("components", {}).get(component, {}).get("segments")
+    steps = segments.get("steps", []) if isinstance(segments, dict) else []
+    plans = [s.get("engine") for s in steps]
+    return plans if plans and all(isinstance(p, dict) for p in plans) else None

@@ -174,3 +174,77 @@ def verify_shapes(shapes: dict, multiple: int = 1) -> list:
         if tuple(s) not in picks:
             picks.append(tuple(s))
     return picks
+
+
+# --- exact tiling's segment plans ---------------------------------------------------------------------
+def default_tiles(config, factor: int) -> tuple:
+    """(image tile, latent tile) in pixels, derived from `sample_size` as diffusers' AutoencoderKL does."""
+    sample_size = config.get("sample_size", defaults.TILE_SAMPLE_SIZE)
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    return int(sample_size), int(sample_size / factor)
+
+
+def exact_sizes(config, spec: ComponentSpec, factor: int, max_image_side: int = defaults.EXACT_MAX_IMAGE_SIDE):
+    """(default core, largest side, side multiple) of a component's exact tiling, in its input's pixels."""
+    image_tile, latent_tile = default_tiles(config, factor)
+    if spec.downscale == 1:  # the decoder: its input is latents
+        return latent_tile, max_image_side // factor, 1
+    return image_tile, max_image_side, spec.input_multiple
+
+
+def segment_window(core: int, halo: int, align: int) -> int:
+    """Side of every window a tiled step runs on an axis longer than one window, for `core` px at its resolution.
+
+    Cores are rounded down to the step's alignment and edge windows shifted inward (runtime.segments.windows),
+    so one side serves every window; shorter axes run whole, in a window as long as the axis.
+    """
+    return max(align, core - core % align) + 2 * halo
+
+
+def segment_batch(image_profiles: list) -> tuple:
+    """(min, opt, max) batch of every segment plan: 1 up to the export's largest batch, tuned at its first opt."""
+    return 1, image_profiles[0].batch[1], max(p.batch[2] for p in image_profiles)
+
+
+def segment_profile(step: dict, ratio: tuple, batch: tuple, core: int, max_side: int, multiple: int = 1) -> dict:
+    """{input name: {"min", "opt", "max"}} of one segment plan, from its manifest entry.
+
+    `ratio` (numerator, denominator): the step's input size over the component's input size; `core`,
+    `max_side` and `multiple` in the component's input pixels (exact_sizes). A tiled step's windows have
+    one side at the default core (opt = max); smaller images give shorter windows, down to the smallest
+    input the component takes. Whole and attention steps see the whole tensor at their resolution, up to
+    `max_side`; an attention step's x and residual hold query rows of the full width, kv all rows.
+    """
+    num, den = ratio
+    low = max(1, multiple * num // den)
+    if step["kind"] == "tiled":
+        side = max(low, segment_window(core * num // den, int(step["halo"]), int(step.get("align", 1))))
+        space = (low, side, side)
+    else:
+        top = max(low, max_side * num // den)
+        space = (low, min(max(low, core * num // den), top), top)
+    rows = (1, space[1], space[1]) if step["kind"] == "attention" else space
+    profile = {}
+    for io in step["inputs"]:
+        name, channels = io["name"], int(io["shape"][1])
+        if len(io["shape"]) == 2:  # mean, rstd: per sample and channel
+            dims = [(b, channels) for b in batch]
+        else:
+            height = space if name == "kv" else rows
+            dims = [(b, channels, h, w) for b, h, w in zip(batch, height, space)]
+        profile[name] = {k: list(d) for k, d in zip(("min", "opt", "max"), dims)}
+    return profile
+
+
+def largest_core(core: int, tiled: list) -> int:
+    """The largest core side (component input pixels, at most `core`) whose windows fit every tiled plan.
+
+    tiled: (ratio, halo, align, largest window side) of each tiled step.
+    """
+    def fits(c):
+        return all(segment_window(c * num // den, halo, align) <= top for (num, den), halo, align, top in tiled)
+
+    while core > 1 and not fits(core):
+        core -= 1
+    return core

@@ -66,19 +66,25 @@ def test_export_says_in_one_line_which_engines_were_not_built(tmp_path, tiny_dir
     assert "engines not built" not in capsys.readouterr().out
 
 
-def test_engine_io_dtypes_must_carry_the_precision():
+def test_engine_io_dtypes_must_carry_the_onnx_types():
     from trtvae.errors import ExportError
     from trtvae.export.engine import check_io_dtypes
 
     io16 = [{"name": "latent_sample", "dtype": "HALF"}, {"name": "sample", "dtype": "HALF"}]
-    check_io_dtypes(io16, "fp16", "decoder")
-    check_io_dtypes([{"name": "sample", "dtype": "BF16"}], "bf16", "encoder")
+    fp16 = {"latent_sample": "float16", "sample": "float16"}
+    check_io_dtypes(io16, fp16, "decoder engine")
+    check_io_dtypes([{"name": "sample", "dtype": "BF16"}], {"sample": "bfloat16"}, "encoder engine")
     # An fp32 ONNX builds an fp32 engine without a word from TensorRT: caught here.
-    with pytest.raises(ExportError, match=r"decoder engine I/O is latent_sample=FLOAT, sample=FLOAT, expected HALF "
-                                          r"for fp16"):
-        check_io_dtypes([{**t, "dtype": "FLOAT"} for t in io16], "fp16", "decoder")
-    with pytest.raises(ExportError, match="sample=HALF, expected FLOAT for fp32"):
-        check_io_dtypes(io16[1:], "fp32", "decoder")
+    with pytest.raises(ExportError, match=r"decoder engine I/O is latent_sample=FLOAT \(expected HALF\), "
+                                          r"sample=FLOAT \(expected HALF\)"):
+        check_io_dtypes([{**t, "dtype": "FLOAT"} for t in io16], fp16, "decoder engine")
+    # A segment plan mixes types: x in the model's type, statistics and activations in float32.
+    segment = [{"name": "x", "dtype": "HALF"}, {"name": "mean", "dtype": "FLOAT"}, {"name": "y", "dtype": "FLOAT"}]
+    check_io_dtypes(segment, {"x": "float16", "mean": "float32", "y": "float32"}, "decoder segment conv_in plan")
+    with pytest.raises(ExportError, match=r"segment plan I/O is mean=HALF \(expected FLOAT\), "
+                                          r"extra=FLOAT \(expected no such tensor in the ONNX graph\)"):
+        check_io_dtypes([segment[0], {"name": "mean", "dtype": "HALF"}, {"name": "extra", "dtype": "FLOAT"}],
+                        {"x": "float16", "mean": "float32"}, "decoder segment plan")
 
 
 HERE = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "10.16.1.11"}
@@ -180,3 +186,25 @@ def test_the_timing_cache_record_reaches_the_manifest(monkeypatch, tmp_path):
     run._build_engines(tmp_path, manifest, SPECS, ExportOptions(components=("decoder",)))
     assert manifest["timing_cache"] == {"file": TIMING_CACHE, **HERE}
     assert manifest["components"]["decoder"]["engine"] == {"file": "decoder.plan"}
+
+
+def test_component_engines_and_segment_plans_share_one_build(monkeypatch, tmp_path):
+    import trtvae.export.engine as engine
+    from trtvae.profiles import make_profile
+
+    calls = []
+
+    def fake_plan(onnx_path, plan_path, what, profiles, io_types, options, monitor=True):
+        calls.append((what, profiles, io_types, monitor))
+        return {"file": plan_path.name, "profiles": profiles, "build": {"strongly_typed": True}}
+
+    monkeypatch.setattr(engine, "build_plan", fake_plan)
+    options = engine.EngineOptions(profiles=[make_profile(8)], profile_options=["batch=1-4,resolution=512-1536"])
+    entry = engine.build_engine(tmp_path / "decoder.onnx", tmp_path / "decoder.plan", SPECS["decoder"], 8, "fp16",
+                                options)
+    # The default profile in latents: 512/8, 1024/8 (opt), 1536/8; batch 1-4.
+    assert calls == [("decoder engine", [{"latent_sample": {"min": [1, 4, 64, 64], "opt": [1, 4, 128, 128],
+                                                              "max": [4, 4, 192, 192]}}],
+                      {"latent_sample": "float16", "sample": "float16"}, True)]
+    assert entry["profiles_px"] == [{"batch": [1, 1, 4], "height": [512, 1024, 1536], "width": [512, 1024, 1536]}]
+    assert entry["build"] == {"strongly_typed": True, "profile_options": ["batch=1-4,resolution=512-1536"]}

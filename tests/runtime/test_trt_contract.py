@@ -27,3 +27,23 @@ class TestTRTVaeFp16(RuntimeContract):
     @pytest.fixture
     def precision(self):
         return "fp16"
+
+    def test_exact_tiling_on_segment_plans_matches_the_untiled_model(self, runtime, reference):
+        import torch
+
+        from trtvae import TRTVae
+        from trtvae.metrics import compare, passes
+
+        z = torch.randn(2, 4, 28, 25, generator=torch.Generator().manual_seed(21))
+        x = torch.rand(1, 3, 56, 50, generator=torch.Generator().manual_seed(22)) * 2 - 1
+        with torch.no_grad():
+            dec, enc = reference.decode(z).sample, reference.encode(x).latent_dist.mean
+        for vae in (runtime, TRTVae.from_pretrained(runtime.directory, exact_boundaries="host")):
+            vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 16
+            vae.enable_tiling()
+            try:
+                assert vae.tiling_mode == "exact"
+                assert passes(compare(vae.decode(z.cuda()).sample.cpu(), dec), "fp16")
+                assert passes(compare(vae.encode(x.cuda()).latent_dist.mean.cpu(), enc), "fp16")
+            finally:
+                vae.disable_tiling()

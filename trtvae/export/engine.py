@@ -128,10 +128,23 @@ def _progress_monitor(trt):
 
 
 def build_engine(onnx_path: Path, plan_path: Path, spec, factor: int, precision: str, options: EngineOptions) -> dict:
-    """Build one component's engine; return its manifest entry (written after the plan is in place).
+    """Build one component's engine; return its manifest entry (written after the plan is in place)."""
+    shapes = [component_shapes(p, spec, factor) for p in options.profiles]
+    io_type = DTYPE_NAME[precision]
+    entry = build_plan(onnx_path, plan_path, f"{spec.name} engine", [{spec.input_name: s} for s in shapes],
+                       {spec.input_name: io_type, spec.output_name: io_type}, options)
+    entry["profiles_px"] = [p.as_dict() for p in options.profiles]
+    entry["build"]["profile_options"] = list(options.profile_options)
+    return entry
 
-    The network is parsed into the process's one builder (environment.probe); Polygraphy's config
-    and build loaders do the rest, and never own (or free) that builder.
+
+def build_plan(onnx_path: Path, plan_path: Path, what: str, profiles: list, io_types: dict, options: EngineOptions,
+               monitor: bool = True) -> dict:
+    """Build one plan from an ONNX file; return its manifest entry (written after the plan is in place).
+
+    profiles: [{input name: {"min", "opt", "max"}}], one optimization profile each; io_types: {I/O name:
+    manifest dtype} the built plan must carry. The network is parsed into the process's one builder
+    (environment.probe); Polygraphy's config and build loaders do the rest, and never own (or free) it.
     """
     import tensorrt as trt
     import torch
@@ -141,9 +154,13 @@ def build_engine(onnx_path: Path, plan_path: Path, spec, factor: int, precision:
     found = probe()
     builder = found.builder
     if builder is None:
-        raise ExportError(f"cannot build the {spec.name} engine: {found.why_not}")
-    shapes = [component_shapes(p, spec, factor) for p in options.profiles]
-    trt_profiles = [Profile().add(spec.input_name, min=s["min"], opt=s["opt"], max=s["max"]) for s in shapes]
+        raise ExportError(f"cannot build the {what}: {found.why_not}")
+    trt_profiles = []
+    for shapes in profiles:
+        made = Profile()
+        for name, s in shapes.items():
+            made.add(name, min=s["min"], opt=s["opt"], max=s["max"])
+        trt_profiles.append(made)
     cache = plan_path.parent / TIMING_CACHE
     here = build_machine(trt)
     load_cache = prepare_timing_cache(plan_path.parent, here)
@@ -156,7 +173,7 @@ def build_engine(onnx_path: Path, plan_path: Path, spec, factor: int, precision:
         builder_optimization_level=options.optimization_level,
         memory_pool_limits=pools or None,
         load_timing_cache=str(load_cache) if load_cache else None,
-        progress_monitor=_progress_monitor(trt),
+        progress_monitor=_progress_monitor(trt) if monitor else None,
     )
     # Strongly typed: precision comes from the ONNX tensor types (10.x opts in, 11.x knows nothing else).
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -169,7 +186,7 @@ def build_engine(onnx_path: Path, plan_path: Path, spec, factor: int, precision:
         plan = EngineBytesFromNetwork((builder, network, parser), config=builder_config,
                                       save_timing_cache=str(cache))()
     except PolygraphyException as e:  # Polygraphy raises on build failures
-        raise ExportError(f"TensorRT failed to build the {spec.name} engine: {str(e).strip()[:300]}") from e
+        raise ExportError(f"TensorRT failed to build the {what}: {str(e).strip()[:300]}") from e
     finally:
         finish_timing_cache(plan_path.parent, here)
     build_seconds = time.perf_counter() - start
@@ -180,9 +197,9 @@ def build_engine(onnx_path: Path, plan_path: Path, spec, factor: int, precision:
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
-        raise ExportError(f"TensorRT built the {spec.name} engine but cannot load it back (see its log above)")
+        raise ExportError(f"TensorRT built the {what} but cannot load it back (see its log above)")
     io = describe_engine_io(trt, engine)
-    check_io_dtypes(io, precision, spec.name)
+    check_io_dtypes(io, io_types, what)
     return {
         "file": plan_path.name,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -191,15 +208,13 @@ def build_engine(onnx_path: Path, plan_path: Path, spec, factor: int, precision:
         "gpu": here["gpu"],
         "compute_capability": here["compute_capability"],
         "cuda_version": torch.version.cuda,
-        "profiles": [{spec.input_name: s} for s in shapes],
-        "profiles_px": [p.as_dict() for p in options.profiles],
+        "profiles": profiles,
         "io": io,
         "build": {
             "strongly_typed": True,
             "builder_optimization_level": options.optimization_level,
             "workspace_gib": options.workspace_gib,
             "timing_cache": TIMING_CACHE,
-            "profile_options": list(options.profile_options),
         },
         "build_seconds": round(build_seconds, 1),
     }
@@ -230,13 +245,17 @@ def describe_engine_io(trt, engine) -> list:
     return io
 
 
-def check_io_dtypes(io: list, precision: str, component: str) -> None:
-    """The engine's I/O must carry the precision's type: an fp32 ONNX silently builds an fp32 engine.
+def check_io_dtypes(io: list, io_types: dict, what: str) -> None:
+    """The plan's I/O must carry the ONNX graph's types: an fp32 ONNX silently builds an fp32 engine.
 
     A strongly typed network runs each layer in its ONNX tensor types, and the ONNX graph's weights
     and I/O were checked before the build, so the I/O types are what is left to confirm here.
+    io_types: {name: manifest dtype ("float16")} of every I/O tensor of the ONNX graph.
     """
-    wanted = DTYPES[DTYPE_NAME[precision]]["tensorrt"]
-    wrong = [f"{t['name']}={t['dtype']}" for t in io if t["dtype"] != wanted]
+    wrong = []
+    for t in io:
+        wanted = DTYPES[io_types[t["name"]]]["tensorrt"] if t["name"] in io_types else None
+        if t["dtype"] != wanted:
+            wrong.append(f"{t['name']}={t['dtype']} (expected {wanted or 'no such tensor in the ONNX graph'})")
     if wrong:
-        raise ExportError(f"{component} engine I/O is {', '.join(wrong)}, expected {wanted} for {precision}")
+        raise ExportError(f"{what} I/O is {', '.join(wrong)}")

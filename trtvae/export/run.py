@@ -21,11 +21,13 @@ from ..errors import ExportError, VerificationError, first_line
 from ..manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, has_engines, write_manifest
 from ..precision import DTYPE_NAME
 from .engine import EngineOptions, build_engine, engines_unavailable_reason, read_timing_cache_record
+from .fp16.decide import Fp16OverflowError, overflow_gate
 from .loading import load_vae, peek_config
 from .onnx_export import export_onnx, onnx_entry
 from .options import ExportOptions
 from .outdir import VERIFY_PNG, Staging, check_replaceable, default_out, present_outputs
 from .progress import console, stage
+from .segment_plans import build_segment_plans
 from .segments import export_segments
 from .verify import verify_export
 
@@ -74,16 +76,15 @@ def _export_into(folder: Path, loaded, opts: ExportOptions) -> dict:
     vae = loaded.vae  # stays the untouched fp32 reference for verify
     specs = component_specs(vae.config)
     manifest = _manifest_head(vae, loaded.source, opts)
-    export_vae, fp32_norm, overflow = vae, opts.fp32_norm, None  # export_vae may become a rescaled copy
+    export_vae, fp32_norm, overflows = vae, opts.fp32_norm, False  # export_vae may become a rescaled copy
     if opts.precision == "fp16":
-        from .fp16.decide import overflow_gate
         from .fp16.safety import make_fp16_safe
 
         export_vae, record = make_fp16_safe(vae, opts.components, folder, opts.rescale, opts.fp32_norm,
                                             images=opts.images)
         manifest["fp16_safety"] = record
         fp32_norm = record["fp32_norm"]  # may have been switched on by the audit
-        overflow = overflow_gate(record)
+        overflows = overflow_gate(record) is not None  # its message is written below, with verify's finding
 
     for name in opts.components:  # export_onnx checks each graph before it is written
         path = folder / f"{name}.onnx"
@@ -99,7 +100,7 @@ def _export_into(folder: Path, loaded, opts: ExportOptions) -> dict:
             manifest["components"][name]["segments"] = entry
     export_vae = None  # a rescaled copy is as large as the model; verify needs only the reference
 
-    if overflow is None:
+    if not overflows:
         with _gpu_memory("the TensorRT build", "lower --workspace (the builder's scratch memory, GiB), or --batch "
                          "or --resolution (a smaller largest profile)"):
             _build_engines(folder, manifest, specs, opts)
@@ -113,14 +114,12 @@ def _export_into(folder: Path, loaded, opts: ExportOptions) -> dict:
                 manifest["verify"] = verify_export(vae, folder, manifest, specs, opts.precision, opts.components,
                                                    grid_path=folder / VERIFY_PNG)
         except VerificationError as e:
-            if overflow is None:
+            if not overflows:
                 raise
             manifest["verify"] = {"status": "failed", "reason": str(e).split(". No manifest")[0]}
     else:
         manifest["verify"] = {"status": "skipped"}
-    if overflow is not None:  # whatever verify said: ONNX Runtime's CPU kernels hide fp16 overflow
-        from .fp16.decide import Fp16OverflowError, overflow_gate
-
+    if overflows:  # whatever verify said: ONNX Runtime's CPU kernels hide fp16 overflow
         raise Fp16OverflowError(overflow_gate(manifest["fp16_safety"], manifest["verify"]))
     manifest["files"] = present_outputs(folder)
     write_manifest(folder, manifest)
@@ -161,6 +160,11 @@ def _build_engines(out: Path, manifest: dict, specs: dict, opts: ExportOptions) 
                                  opts.precision, options)
             info["path"] = plan
         manifest["components"][name]["engine"] = entry
+        if "segments" in manifest["components"][name]:  # exact tiling's graphs, one plan each
+            with stage(f"build {name} segment plans") as info:
+                built = build_segment_plans(out, manifest, name, specs[name], options)
+                info["detail"] = f"{len(manifest['components'][name]['segments']['steps'])} plans" if built else \
+                    "none (see above)"
     record = read_timing_cache_record(out)
     if record:  # where the timing cache was made: a build elsewhere moves it aside instead of re-timing forever
         manifest["timing_cache"] = record

@@ -14,6 +14,7 @@ import torch
 
 from .. import defaults
 from ..components import DECODER
+from ..profiles import default_tiles
 from .batching import BatchingMixin
 from .blend_tiling import BlendTilingMixin
 from .exact_tiling import ExactTilingMixin
@@ -41,11 +42,7 @@ class TilingMixin(ExactTilingMixin, BlendTilingMixin, PaddingMixin, BatchingMixi
     def _init_tiling(self) -> None:
         self.use_slicing = False
         self.use_tiling = False
-        sample_size = self.config.get("sample_size", defaults.TILE_SAMPLE_SIZE)
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = sample_size[0]
-        self.tile_sample_min_size = int(sample_size)
-        self.tile_latent_min_size = int(sample_size / self.spatial_factor)
+        self.tile_sample_min_size, self.tile_latent_min_size = default_tiles(self.config, self.spatial_factor)
         self.tile_overlap_factor = defaults.TILE_OVERLAP_FACTOR
         self._noticed: set = set()
         self.tiling_mode = "exact" if self._exact_everywhere() else "blend"
