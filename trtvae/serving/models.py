@@ -10,7 +10,7 @@ Both the Python backend and any other host call `ServedModel.run` with one reque
 
 Tiling: a request larger than the tile (`--tile`, image pixels a side) is tiled exactly, from the export's
 segment graphs, so it gives the same result as one untiled run at bounded memory. Where exact tiling is not
-available (an export without segment graphs, or TRTVae, which has no segment plans yet) requests run
+available (an export without segment graphs; for TRTVae, without their TensorRT plans) requests run
 untiled: diffusers' blend tiling changes the image, so serving never chooses it.
 """
 from __future__ import annotations
