@@ -58,8 +58,8 @@ def _tile(text: str) -> int:
 
 _TILE_HELP = ("requests larger than this many image pixels a side are tiled exactly, from the export's segment "
               "graphs: the same result as an untiled run at bounded memory (default: the model's own "
-              "sample_size, e.g. 1024 for SDXL; 0: never tile). An export without segment graphs (or, for TRTVae, without their plans) "
-              "runs untiled: blend tiling would change the image")
+              "sample_size, e.g. 1024 for SDXL; 0: never tile). An export without segment graphs (or, for "
+              "TRTVae, without their plans) runs untiled: blend tiling would change the image")
 
 
 def export_parser() -> argparse.ArgumentParser:
