@@ -19,6 +19,16 @@ import torch
 from torch import nn
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, with no op traced where it already is: an fp32 export then holds no no-op Casts (each one
+    a full pass over a window on ONNX Runtime's CPU provider, which keeps those that feed a graph output)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return _as(t, torch.float32)
+
+
 class GlobalNorm(nn.Module):
     """GroupNorm's affine step with statistics computed elsewhere: (x - mean) · (rstd · γ) + β, in float32.
 
@@ -34,8 +44,8 @@ class GlobalNorm(nn.Module):
 
     def forward(self, x, mean, rstd):
         # γ folded into rstd on [B, C]: two passes over the window instead of four.
-        scale = rstd * self.weight.float()[None, :]
-        return (x.float() - mean[:, :, None, None]) * scale[:, :, None, None] + self.bias.float()[None, :, None, None]
+        scale = rstd * _f32(self.weight)[None, :]
+        return (_f32(x) - mean[:, :, None, None]) * scale[:, :, None, None] + _f32(self.bias)[None, :, None, None]
 
 
 class ConvIn(nn.Module):
@@ -46,7 +56,7 @@ class ConvIn(nn.Module):
         self.conv = conv
 
     def forward(self, x):
-        return self.conv(x.to(self.conv.weight.dtype)).float()
+        return _f32(self.conv(_as(x, self.conv.weight.dtype)))
 
 
 class NormActConv(nn.Module):
@@ -57,7 +67,7 @@ class NormActConv(nn.Module):
         self.norm, self.act, self.conv = GlobalNorm(norm), act, conv
 
     def forward(self, x, mean, rstd):
-        return self.conv(self.act(self.norm(x, mean, rstd)).to(self.conv.weight.dtype)).float()
+        return _f32(self.conv(_as(self.act(self.norm(x, mean, rstd)), self.conv.weight.dtype)))
 
 
 class ResnetTail(nn.Module):
@@ -72,11 +82,11 @@ class ResnetTail(nn.Module):
 
     def forward(self, x, mean, rstd, residual):
         dtype = self.conv.weight.dtype
-        h = self.conv(self.act(self.norm(x, mean, rstd)).to(dtype)).float()
+        h = _f32(self.conv(_as(self.act(self.norm(x, mean, rstd)), dtype)))
         if self.shortcut is not None:
-            residual = self.shortcut(residual.to(dtype))
-        out = (residual.float() + h) / self.scale if self.scale != 1.0 else residual.float() + h
-        return self.resampler(out.to(dtype)).float() if self.resampler is not None else out
+            residual = self.shortcut(_as(residual, dtype))
+        out = (_f32(residual) + h) / self.scale if self.scale != 1.0 else _f32(residual) + h
+        return _f32(self.resampler(_as(out, dtype))) if self.resampler is not None else out
 
 
 class AttentionQKV(nn.Module):
@@ -88,9 +98,9 @@ class AttentionQKV(nn.Module):
 
     def forward(self, x, mean, rstd):
         b, c, h, w = x.shape
-        n = self.norm(x, mean, rstd).to(self.to_q.weight.dtype).reshape(b, c, h * w).transpose(1, 2)
+        n = _as(self.norm(x, mean, rstd), self.to_q.weight.dtype).reshape(b, c, h * w).transpose(1, 2)
         qkv = torch.cat([self.to_q(n), self.to_k(n), self.to_v(n)], dim=2)
-        return qkv.transpose(1, 2).reshape(b, 3 * c, h, w).float()
+        return _f32(qkv.transpose(1, 2).reshape(b, 3 * c, h, w))
 
 
 class AttentionRows(nn.Module):
@@ -111,14 +121,14 @@ class AttentionRows(nn.Module):
         b, c, h, w = x.shape
         d = c // self.heads
         # The scale goes on the queries, not the (rows · w) × (h · w) scores: one pass less over the largest tensor.
-        q = x.reshape(b, self.heads, d, h * w).transpose(2, 3).float() * (d ** -0.5)
+        q = _f32(x.reshape(b, self.heads, d, h * w).transpose(2, 3)) * (d ** -0.5)
         k, v = kv[:, :c].reshape(b, self.heads, d, -1), kv[:, c:].reshape(b, self.heads, d, -1)
         # Scores and softmax in float32: a sum over every key.
-        scores = torch.softmax(torch.matmul(q, k.float()), dim=-1)
-        out = torch.matmul(scores, v.float().transpose(2, 3)).transpose(1, 2).reshape(b, h * w, c)
-        out = self.to_out(out.to(self.to_out.weight.dtype)).float().transpose(1, 2).reshape(b, c, h, w)
+        scores = torch.softmax(torch.matmul(q, _f32(k)), dim=-1)
+        out = torch.matmul(scores, _f32(v).transpose(2, 3)).transpose(1, 2).reshape(b, h * w, c)
+        out = _f32(self.to_out(_as(out, self.to_out.weight.dtype))).transpose(1, 2).reshape(b, c, h, w)
         if self.residual_connection:
-            out = out + residual.float()
+            out = out + _f32(residual)
         return out / self.rescale if self.rescale != 1.0 else out
 
 
@@ -131,10 +141,10 @@ class Sequence(nn.Module):
 
     def forward(self, x, *rest):
         dtype = next(self.parameters()).dtype
-        x = self.parts[0](x if rest else x.to(dtype), *rest)
+        x = self.parts[0](x if rest else _as(x, dtype), *rest)
         for part in self.parts[1:]:
-            x = part(x.to(dtype))
-        return x.float()
+            x = part(_as(x, dtype))
+        return _f32(x)
 
 
 @dataclass

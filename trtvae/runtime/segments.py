@@ -10,15 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..profiles import segment_window
+
 
 @dataclass(frozen=True)
 class Step:
     """One segment graph as the manifest lists it (see trtvae/export/segments.py)."""
 
     index: int
-    name: str
-    file: str
-    sha256: str
+    name: str  # files are read through the manifest (manifest.segment_bytes), which checks their sha256
     kind: str  # "tiled" (windows), "whole", or "attention" (query rows against all keys and values)
     source: int  # step whose output is this step's input x; -1: the component's input
     residual: int | None
@@ -37,7 +37,7 @@ def read_steps(entry: dict) -> list:
     """The manifest's segments entry as Steps, checked for what the runtime relies on."""
     steps = []
     for i, s in enumerate(entry["steps"]):
-        step = Step(i, s["name"], s["file"], s["sha256"], s["kind"], int(s["source"]), s.get("residual"),
+        step = Step(i, s["name"], s["kind"], int(s["source"]), s.get("residual"),
                     s.get("norm"), int(s["halo"]), int(s["upscale"]), int(s["downscale"]), int(s.get("align", 1)),
                     int(s["out_channels"]))
         if step.kind not in ("tiled", "whole", "attention"):
@@ -79,7 +79,7 @@ def windows(size: int, core: int, halo: int, align: int) -> list:
     shifted inward), so a backend with static shapes sees one size per step.
     """
     core = max(align, core - core % align)
-    length = min(size, core + 2 * halo)
+    length = min(size, segment_window(core, halo, align))  # the side TensorRT segment plans are built for
     out = []
     for c0 in range(0, size, core):
         c1 = min(c0 + core, size)
