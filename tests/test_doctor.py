@@ -57,6 +57,8 @@ def test_folder_without_engines_runs_with_ortvae_on_cpu(capsys, tiny_fp32):
     assert main(["doctor", str(tiny_fp32)]) == 0
     out = capsys.readouterr().out
     assert "decoder ONNX: ok" in out and "encoder ONNX: ok" in out
+    steps = json.loads((tiny_fp32 / "manifest.json").read_text())["components"]["decoder"]["segments"]["steps"]
+    assert f"decoder segment graphs (exact tiling): ok ({len(steps)} graphs, 0 TensorRT plans)" in out
     assert "TensorRT engines: none in this folder" in out and "runs here with: OrtVae" in out
     assert main(["doctor", str(tiny_fp32), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -127,5 +129,13 @@ def test_broken_folders_exit_1_with_what_is_wrong(tmp_path, tiny_fp32, capsys):
     report = diagnose(folder)
     assert report["exit_code"] == 1 and "does not match the manifest" in report["folder"]["components"]["encoder"][
         "onnx"] and report["folder"]["components"]["decoder"]["onnx"] == "ok"
+    # A changed segment graph fails the folder too: exact tiling would refuse it at the first tiled decode.
+    shutil.copy(tiny_fp32 / "encoder.onnx", folder / "encoder.onnx")
+    segment = json.loads((folder / "manifest.json").read_text())["components"]["decoder"]["segments"]["steps"][3]
+    (folder / segment["file"]).write_bytes(b"changed")
+    report = diagnose(folder)
+    assert report["exit_code"] == 1
+    assert segment["file"] in report["folder"]["components"]["decoder"]["segments"]
+    assert "does not match the manifest" in report["folder"]["components"]["decoder"]["segments"]
     with pytest.raises(SystemExit):
         main(["doctor", "--no-such-flag"])

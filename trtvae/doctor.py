@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import TrtvaeError
-from .manifest import ManifestError, component_file, engines, read_manifest
+from .manifest import ManifestError, component_file, engines, read_manifest, segment_bytes
 
 
 def driver_version() -> str | None:
@@ -92,6 +92,9 @@ def check_folder(directory, env: dict) -> dict:
         except (ManifestError, OSError) as e:  # OSError: unreadable (permissions), a path through a file
             result["components"][name] = {"onnx": str(e)}
             onnx_ok = False
+        if (segments := _segments_status(directory, manifest, name)) is not None:
+            result["components"][name]["segments"] = segments
+            onnx_ok = onnx_ok and segments.startswith("ok")
 
     gpu, trt_version = env.get("gpu"), env["tensorrt"].get("version")
     built = engines(manifest)
@@ -124,6 +127,23 @@ def check_folder(directory, env: dict) -> dict:
         result["rebuild_command"] = rebuild_command(manifest, directory)
     result["ok"] = onnx_ok and ort_ok and engines_ok
     return result
+
+
+def _segments_status(directory: Path, manifest: dict, component: str) -> str | None:
+    """Exact tiling's files of a component: "ok (N graphs, M TensorRT plans)" or the first problem; None if none."""
+    steps = (manifest["components"][component].get("segments") or {}).get("steps") or []
+    if not steps:
+        return None
+    plans = 0
+    try:
+        for index, step in enumerate(steps):
+            segment_bytes(directory, manifest, component, index)
+            if "engine" in step:
+                segment_bytes(directory, manifest, component, index, key="engine")
+                plans += 1
+    except (ManifestError, OSError) as e:
+        return f"{e} (exact tiling refuses to run)"
+    return f"ok ({len(steps)} graphs, {plans} TensorRT plans)"
 
 
 def _timing_cache_status(directory: Path, env: dict) -> dict | None:
@@ -184,6 +204,8 @@ def render(report: dict) -> str:
             lines.append(f"  precision {folder['precision']}")
             for name, info in folder["components"].items():
                 lines.append(f"  {name} ONNX: {info['onnx']}")
+                if "segments" in info:
+                    lines.append(f"  {name} segment graphs (exact tiling): {info['segments']}")
             if not folder["engines"]:
                 lines.append("  TensorRT engines: none in this folder")
             for name, info in folder["engines"].items():
