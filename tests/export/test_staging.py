@@ -141,7 +141,10 @@ def test_a_signal_at_any_stage_leaves_the_export(export_dir, tiny_dir, after_lin
     cmd = [sys.executable, "-m", "trtvae.cli", "--model", str(tiny_dir), "--out", str(export_dir),
            "--precision", "fp16", "--engines", "skip"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored (as it should): give
+    # the export the default disposition a terminal's Ctrl-C meets, whatever ran this test.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in proc.stdout:
