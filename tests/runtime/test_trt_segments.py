@@ -215,11 +215,20 @@ def test_exact_boundaries_option_is_checked_before_tensorrt_is_needed(tiny_fp32)
         TRTVae.from_pretrained(tiny_fp32, exact_boundaries="gpu")
 
 
+def _pretend_tensorrt_builds(monkeypatch, fake_plan) -> None:
+    """The export's engine stage as if TensorRT were here: component engines recorded, segment plans by `fake_plan`."""
+    import trtvae.export.run as run
+    import trtvae.export.segment_plans as segment_plans
+
+    monkeypatch.setattr(run, "engines_unavailable_reason", lambda: None)
+    monkeypatch.setattr(run, "build_engine", lambda onnx_path, plan_path, *a: {"file": plan_path.name})
+    monkeypatch.setattr(segment_plans, "build_plan", fake_plan)
+
+
 def test_the_export_builds_one_plan_per_segment_with_the_graphs_own_io(monkeypatch, tmp_path, tiny_fp16):
     import onnx
 
     import trtvae.export.run as run
-    import trtvae.export.segment_plans as segment_plans
     from trtvae.export.options import ExportOptions
 
     built = []
@@ -228,9 +237,7 @@ def test_the_export_builds_one_plan_per_segment_with_the_graphs_own_io(monkeypat
         built.append((onnx_path, plan_path, profiles, io_types))
         return {"file": plan_path.name, "profiles": profiles}
 
-    monkeypatch.setattr(run, "engines_unavailable_reason", lambda: None)
-    monkeypatch.setattr(run, "build_engine", lambda onnx_path, plan_path, *a: {"file": plan_path.name})
-    monkeypatch.setattr(segment_plans, "build_plan", fake_plan)
+    _pretend_tensorrt_builds(monkeypatch, fake_plan)
     manifest = json.loads((tiny_fp16 / "manifest.json").read_text())
     run._build_engines(tiny_fp16, manifest, component_specs(manifest["vae_config"]),
                        ExportOptions(components=("decoder", "encoder"), batch="1-3"))
@@ -256,7 +263,6 @@ def test_a_segment_plan_tensorrt_cannot_build_costs_exact_tiling_not_the_export(
     import shutil
 
     import trtvae.export.run as run
-    import trtvae.export.segment_plans as segment_plans
     from trtvae.errors import ExportError
     from trtvae.export.options import ExportOptions
 
@@ -269,9 +275,7 @@ def test_a_segment_plan_tensorrt_cannot_build_costs_exact_tiling_not_the_export(
         plan_path.write_bytes(b"plan")
         return {"file": plan_path.name, "profiles": profiles}
 
-    monkeypatch.setattr(run, "engines_unavailable_reason", lambda: None)
-    monkeypatch.setattr(run, "build_engine", lambda onnx_path, plan_path, *a: {"file": plan_path.name})
-    monkeypatch.setattr(segment_plans, "build_plan", fake_plan)
+    _pretend_tensorrt_builds(monkeypatch, fake_plan)
     manifest = json.loads((folder / "manifest.json").read_text())
     run._build_engines(folder, manifest, component_specs(manifest["vae_config"]),
                       ExportOptions(components=("decoder", "encoder")))

@@ -11,7 +11,6 @@ import http.client
 import json
 import signal
 import socket
-import threading
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ from diffusers.image_processor import VaeImageProcessor  # noqa: E402
 from diffusers.utils import remote_utils  # noqa: E402
 from diffusers.utils.remote_utils import remote_decode, remote_encode  # noqa: E402
 from PIL import Image  # noqa: E402
-from triton_helpers import free_port, processes_mentioning, serve_ready  # noqa: E402
+from triton_helpers import free_port, processes_mentioning, run_threads, serve_ready  # noqa: E402
 
 from trtvae import OrtVae  # noqa: E402
 
@@ -315,29 +314,22 @@ def test_too_large_bodies_are_refused_before_they_are_read(sdxl):
 def test_eight_clients_at_once_get_their_own_answers(sdxl):
     url, ort = sdxl["url"], sdxl["ort"]
     inputs = {(t, k): _z((1, 4, 6, 6), seed=100 + 10 * t + k) for t in range(8) for k in range(3)}
-    results, errors = {}, []
+    results = {}
 
     def client(t):
-        try:
-            for k in range(3):
-                z = inputs[(t, k)]
-                if (t + k) % 3 == 0:
-                    results[(t, k)] = remote_decode(f"{url}/decode", z, scaling_factor=SDXL_SCALE, output_type="pt",
-                                                    return_type="pt").numpy()
-                elif (t + k) % 3 == 1:
-                    results[(t, k)] = np.asarray(remote_decode(f"{url}/decode", z, scaling_factor=SDXL_SCALE,
-                                                               output_type="pil", image_format="png"))
-                else:
-                    image = Image.fromarray((np.asarray(z[0, :3].permute(1, 2, 0)).clip(0, 1) * 255).astype(np.uint8))
-                    results[(t, k)] = (image, remote_encode(f"{url}/encode", image, scaling_factor=SDXL_SCALE))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
+        for k in range(3):
+            z = inputs[(t, k)]
+            if (t + k) % 3 == 0:
+                results[(t, k)] = remote_decode(f"{url}/decode", z, scaling_factor=SDXL_SCALE, output_type="pt",
+                                                return_type="pt").numpy()
+            elif (t + k) % 3 == 1:
+                results[(t, k)] = np.asarray(remote_decode(f"{url}/decode", z, scaling_factor=SDXL_SCALE,
+                                                           output_type="pil", image_format="png"))
+            else:
+                image = Image.fromarray((np.asarray(z[0, :3].permute(1, 2, 0)).clip(0, 1) * 255).astype(np.uint8))
+                results[(t, k)] = (image, remote_encode(f"{url}/encode", image, scaling_factor=SDXL_SCALE))
 
-    threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
+    errors = run_threads(client, 8)
     assert not errors and sorted(results) == sorted(inputs)
     for (t, k), out in results.items():
         z = inputs[(t, k)]

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ pytest.importorskip("pytriton", reason="needs the triton extra: pip install -e '
 tritonclient_http = pytest.importorskip("tritonclient.http")
 import tritonclient.grpc as tritonclient_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
-from triton_helpers import free_port, infer, processes_mentioning, serve_ready  # noqa: E402
+from triton_helpers import free_port, infer, processes_mentioning, run_threads, serve_ready  # noqa: E402
 
 from trtvae import OrtVae  # noqa: E402
 from trtvae.cli import main  # noqa: E402
@@ -113,23 +112,15 @@ def test_eight_clients_get_their_own_answers(server, ort):
     """Same-shaped requests from 8 threads are batched by Triton; each must still get its own image."""
     inputs = {(t, k): _latents(1, 6, 6, seed=100 + 10 * t + k) for t in range(8) for k in range(4)}
     refs = {key: ort.decode(torch.from_numpy(z)).sample.numpy() for key, z in inputs.items()}
-    results, errors = {}, []
+    results = {}
 
     def client(t):
-        try:
-            for k in range(4):
-                module = tritonclient_http if (t + k) % 2 else tritonclient_grpc
-                url = server["http" if module is tritonclient_http else "grpc"]
-                results[(t, k)] = infer(module, url, "vae_decoder", "latent_sample", inputs[(t, k)], "sample")
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(repr(e))
+        for k in range(4):
+            module = tritonclient_http if (t + k) % 2 else tritonclient_grpc
+            url = server["http" if module is tritonclient_http else "grpc"]
+            results[(t, k)] = infer(module, url, "vae_decoder", "latent_sample", inputs[(t, k)], "sample")
 
-    threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
-    assert not errors
+    assert not run_threads(client, 8)
     assert sorted(results) == sorted(inputs)
     for key, out in results.items():
         np.testing.assert_array_equal(out, refs[key])
@@ -148,11 +139,8 @@ def test_bad_request_batched_with_good_ones_fails_alone(server, ort):
 
     bad = _latents(1, 6, 6, seed=299)
     bad[0, 1, 2, 3] = np.nan
-    threads = [threading.Thread(target=send, args=(t, z)) for t, z in [*good.items(), ("bad", bad)]]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
+    sent = [*good.items(), ("bad", bad)]
+    assert not run_threads(lambda i: send(*sent[i]), len(sent), timeout_s=120)
     assert isinstance(outcome["bad"], InferenceServerException) and "NaN or inf" in outcome["bad"].message()
     for t, z in good.items():
         np.testing.assert_array_equal(outcome[t], ort.decode(torch.from_numpy(z)).sample.numpy())

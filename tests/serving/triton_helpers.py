@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,3 +106,21 @@ def infer(client_module, url: str, model: str, name: str, array: np.ndarray, out
         return result.as_numpy(output)
     finally:
         client.close()
+
+
+def run_threads(work, count: int, timeout_s: float = 300) -> list:
+    """Run work(0) … work(count - 1) at once, each on its own thread; return what they raised, as reprs."""
+    errors = []
+
+    def guarded(t):
+        try:
+            work(t)
+        except Exception as e:  # noqa: BLE001 - the caller asserts on the list
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in range(count)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=timeout_s)
+    return errors

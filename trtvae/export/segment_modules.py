@@ -220,13 +220,17 @@ def _mid_block_segments(mid, steps: list) -> None:
         _resnet_segments(resnet, f"mid_block.resnets.{i + 1}", None, None, steps)
 
 
-def _resampler(block, attr: str):
-    found = getattr(block, attr, None)
-    if not found:
-        return None
-    if len(found) != 1:
-        raise TypeError(f"exact tiling expects one {attr[:-1]} per block, found {len(found)}")
-    return found[0]
+def _path_segments(blocks, kind: str, steps: list) -> None:
+    """The up (kind "up") or down ("down") path: each block's resnets, its resampler with the last one."""
+    for b, block in enumerate(blocks):
+        found = getattr(block, f"{kind}samplers", None)
+        if found and len(found) != 1:
+            raise TypeError(f"exact tiling expects one {kind}sampler per block, found {len(found)}")
+        resampler = found[0] if found else None
+        for r, resnet in enumerate(block.resnets):
+            last = r == len(block.resnets) - 1
+            _resnet_segments(resnet, f"{kind}_blocks.{b}.resnets.{r}", resampler if last else None,
+                             kind if last and resampler is not None else None, steps)
 
 
 def decoder_segments(vae) -> list:
@@ -238,12 +242,7 @@ def decoder_segments(vae) -> list:
     steps = [Segment("conv_in", Sequence(getattr(vae, "post_quant_conv", None), dec.conv_in),
                      dec.conv_in.in_channels, dec.conv_in.out_channels, source=-1, halo=1)]
     _mid_block_segments(dec.mid_block, steps)
-    for b, block in enumerate(dec.up_blocks):
-        up = _resampler(block, "upsamplers")
-        for r, resnet in enumerate(block.resnets):
-            last = r == len(block.resnets) - 1
-            _resnet_segments(resnet, f"up_blocks.{b}.resnets.{r}", up if last else None,
-                             "up" if last and up is not None else None, steps)
+    _path_segments(dec.up_blocks, "up", steps)
     _check_conv3(dec.conv_out, "decoder.conv_out")
     steps.append(Segment("norm_out", NormActConv(dec.conv_norm_out, dec.conv_act, dec.conv_out),
                          dec.conv_out.in_channels, dec.conv_out.out_channels, source=len(steps) - 1,
@@ -257,12 +256,7 @@ def encoder_segments(vae) -> list:
     _check_conv3(enc.conv_in, "encoder.conv_in")
     steps = [Segment("conv_in", ConvIn(enc.conv_in), enc.conv_in.in_channels, enc.conv_in.out_channels,
                      source=-1, halo=1)]
-    for b, block in enumerate(enc.down_blocks):
-        down = _resampler(block, "downsamplers")
-        for r, resnet in enumerate(block.resnets):
-            last = r == len(block.resnets) - 1
-            _resnet_segments(resnet, f"down_blocks.{b}.resnets.{r}", down if last else None,
-                             "down" if last and down is not None else None, steps)
+    _path_segments(enc.down_blocks, "down", steps)
     _mid_block_segments(enc.mid_block, steps)
     _check_conv3(enc.conv_out, "encoder.conv_out")
     quant = getattr(vae, "quant_conv", None)

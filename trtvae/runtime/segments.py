@@ -95,7 +95,7 @@ class GroupStats:
 
     Each core's count, mean and sum of squared deviations are two float32 passes (torch's cascaded sums;
     deviations from the core's own mean, never E[x²] − E[x]²): 1.7e-7 from float64 on a mean-50 group of
-    2M values, at a sixth of torch.var_mean's time. Cores are merged in float64 with Chan's parallel
+    0.5M values, at a sixth of torch.var_mean's time. Cores are merged in float64 with Chan's parallel
     formula, so the result does not depend on how the tensor was cut.
     """
 
