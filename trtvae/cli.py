@@ -192,6 +192,10 @@ def main(argv=None) -> int:
         print(f"error: {e.strerror or e} ({e.filename or 'file system'})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # CPython marks a KeyboardInterrupt that leaves a string exec (dataclasses build methods that way while
+        # torch.export imports) as unhandled even once caught; under `python -m` it then dies by SIGINT instead of
+        # returning 130. A string exec that ends normally clears the mark.
+        exec("pass", {})
         print("interrupted" + (": an unfinished export leaves its output folder as it was" if command == "export"
                                else ""), file=sys.stderr)
         return 130

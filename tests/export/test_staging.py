@@ -163,6 +163,21 @@ def test_a_signal_at_any_stage_leaves_the_export(export_dir, tiny_dir, after_lin
     _assert_untouched(export_dir, before)
 
 
+def test_an_interrupt_inside_a_string_exec_still_exits_130(tmp_path):
+    """The CI flake behind this test: a Ctrl-C landing while torch.export builds dataclasses (string exec)."""
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import sys\n"
+        "import trtvae.cli as cli\n"
+        "cli._export = lambda argv: exec('raise KeyboardInterrupt', {})\n"
+        "sys.exit(cli.main(['--model', 'x']))\n")
+    checkout = str(Path(__file__).parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([checkout, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # -- out of GPU memory: one line naming the stage and what to change --------------------------------------------
 
 @pytest.mark.parametrize("target,raised,where,change", [
