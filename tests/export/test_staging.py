@@ -178,6 +178,37 @@ def test_an_interrupt_inside_a_string_exec_still_exits_130(tmp_path):
     assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_interrupt_python_could_not_raise_still_stops_the_export(export_dir, tiny_dir, monkeypatch, capsys):
+    """A SIGINT landing in a weakref callback: Python prints it as "Exception ignored" and goes on."""
+    import weakref
+
+    import trtvae.export.run as pipeline
+
+    real = pipeline.export_onnx
+
+    def export_onnx(*args, **kwargs):
+        class Thing:
+            pass
+
+        def interrupted(ref):
+            raise KeyboardInterrupt
+
+        thing = Thing()
+        ref = weakref.ref(thing, interrupted)
+        del thing
+        assert ref() is None
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "export_onnx", export_onnx)
+    before = _hashes(export_dir)
+    code = main(["--model", str(tiny_dir), "--out", str(export_dir), "--precision", "fp32", "--components", "decoder",
+                 "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err, err
+    assert "Exception ignored" not in err
+    _assert_untouched(export_dir, before)
+
+
 # -- out of GPU memory: one line naming the stage and what to change --------------------------------------------
 
 @pytest.mark.parametrize("target,raised,where,change", [

@@ -5,7 +5,8 @@ Invariants:
   folder). Then two renames on one file system replace it: --out → `.<name>.old-<pid>`, staging →
   --out; the old folder is removed after. A signal during the swap is noted, not acted on.
 - A failure or a signal (SIGINT, and SIGTERM, which raises KeyboardInterrupt while an export runs)
-  at any earlier point leaves --out byte for byte as it was, and the staging folder is removed.
+  at any earlier point leaves --out byte for byte as it was, and the staging folder is removed. One that
+  Python could not raise (it landed in a weakref callback or a __del__) is noted and stops the swap.
 - Only a trtvae export folder (manifest or marker) or an empty folder is replaced. Entries of it that
   no export writes (a user's notes, a Triton repository) are moved into the new folder.
 - `timing.cache` and its record are copied into the staging folder first and come back with the swap.
@@ -18,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -121,6 +123,17 @@ class Staging:
         self.path: Path | None = None
         self.committed = False
         self._sigterm = None
+        self._unraisablehook = None
+        self.lost_interrupts: list = []
+
+    def _note_unraisable(self, unraisable) -> None:
+        # A signal landing in a weakref callback or a __del__ raises KeyboardInterrupt where Python cannot
+        # propagate it: it would be printed as "Exception ignored" and the export would finish as if never
+        # interrupted. Noted here, it stops the export at the swap instead.
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self.lost_interrupts.append(unraisable.exc_value)
+        else:
+            self._unraisablehook(unraisable)
 
     def _sibling(self, kind: str) -> Path:
         return self.out.parent / f".{self.out.name}.{kind}-{os.getpid()}"
@@ -133,6 +146,7 @@ class Staging:
             raise OptionError(f"--out {self.out}: cannot create {self.out.parent} ({e.strerror})") from None
         if threading.current_thread() is threading.main_thread():
             self._sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+            self._unraisablehook, sys.unraisablehook = sys.unraisablehook, self._note_unraisable
         try:
             self._sweep()
             self.path = self._sibling("staging")
@@ -157,10 +171,14 @@ class Staging:
         finally:
             if self._sigterm is not None:
                 signal.signal(signal.SIGTERM, self._sigterm)
+            if self._unraisablehook is not None:
+                sys.unraisablehook = self._unraisablehook
         return False
 
     def commit(self) -> None:
         """Put the finished staging folder in place of --out; carry over the user's own entries."""
+        if self.lost_interrupts:
+            raise KeyboardInterrupt(f"{self.lost_interrupts[0]} (noted while Python could not raise it)")
         with signals_held(reraise=False) as caught:
             old = None
             if self.out.exists():
