@@ -96,7 +96,7 @@ def _decode_both(folder, z, tile):
     whole = vae.decode(z).sample
     vae.tile_latent_min_size = tile
     vae.enable_tiling()
-    assert vae.tiling_mode == "exact"
+    assert vae.tiling_mode == "exact" and vae.exact_tiling_unavailable == ""
     return vae, vae.decode(z).sample, whole
 
 
@@ -223,6 +223,7 @@ def test_export_without_segments_falls_back_to_blend_with_one_notice(tmp_path_fa
     out = _export(tmp_path_factory, "noseg", make_tiny_vae(), "fp32", components=("decoder",), segments=False)
     assert "segments" not in json.loads((out / "manifest.json").read_text())["components"]["decoder"]
     vae = OrtVae.from_pretrained(out)
+    assert "no decoder segment graphs" in vae.exact_tiling_unavailable
     with pytest.warns(TilingNotice, match="--no-segments"):
         vae.enable_tiling()
     assert vae.tiling_mode == "blend"

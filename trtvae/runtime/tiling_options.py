@@ -50,7 +50,9 @@ class TilingMixin(ExactTilingMixin, BlendTilingMixin, PaddingMixin, BatchingMixi
     def _exact_everywhere(self) -> bool:
         return all(self._exact_available(c) for c in self.manifest["components"])
 
-    def _exact_reasons(self) -> str:
+    @property
+    def exact_tiling_unavailable(self) -> str:
+        """Why this runtime cannot tile exactly (one line naming each component's reason); "" when it can."""
         return "; ".join(r for r in map(self._exact_unavailable, self.manifest["components"]) if r)
 
     def enable_tiling(self, mode: str | None = None) -> None:
@@ -63,11 +65,11 @@ class TilingMixin(ExactTilingMixin, BlendTilingMixin, PaddingMixin, BatchingMixi
             raise ValueError(f"enable_tiling(mode={mode!r}): expected one of {', '.join(TILING_MODES)} or None")
         exact = self._exact_everywhere()
         if mode == "exact" and not exact:
-            raise ValueError(f"enable_tiling(mode='exact'): {self._exact_reasons()}; re-export with this trtvae "
-                             "(without --no-segments) for exact tiling")
+            raise ValueError(f"enable_tiling(mode='exact'): {self.exact_tiling_unavailable}; re-export with this "
+                             "trtvae (without --no-segments) for exact tiling")
         if mode is None and not exact:
-            self._notice("no-segments", f"{self._exact_reasons()}: tiling blends tiles as diffusers does, with "
-                                        "visible seams and tone shifts; re-export with this trtvae (without "
+            self._notice("no-segments", f"{self.exact_tiling_unavailable}: tiling blends tiles as diffusers does, "
+                                        "with visible seams and tone shifts; re-export with this trtvae (without "
                                         "--no-segments) for exact tiling")
         self.tiling_mode = mode or ("exact" if exact else "blend")
         self.use_tiling = True

@@ -98,8 +98,8 @@ def serve_tiling(runtime, tile=defaults.SERVE_TILE) -> str:
     if tile == 0:
         return "off (tile 0): requests of every size run untiled"
     if runtime.tiling_mode != "exact":
-        line = (f"none, not exact here: {runtime._exact_reasons()}; requests of every size run untiled (blend tiling "
-                "would change the image)")
+        line = (f"none, not exact here: {runtime.exact_tiling_unavailable}; requests of every size run untiled "
+                "(blend tiling would change the image)")
         if getattr(runtime, "profiles", None):
             line += f"; inputs beyond the engine profile are blend-tiled by {type(runtime).__name__}, with a notice"
         return line
