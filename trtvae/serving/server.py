@@ -33,6 +33,7 @@ from ..errors import OptionError, first_line
 from ..precision import DTYPES
 from .triton_process import ServeError, TritonServer, find_triton, hostport, processes_with  # noqa: F401
 
+LOADER_JOIN_S = 30  # a load's HTTP call fails within a second once the server is gone
 STARTING_GRACE_S = 2  # SIGINT before SIGKILL for a server still loading: no request to drain
 
 
@@ -110,6 +111,7 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
         if threading.current_thread() is threading.main_thread() else {}
     repo_root = server = gateway = None
     serving = False
+    loaders: list = []
     try:
         from ..swap import assumed_family_note, load_runtime
         from .hybrid import Gateway
@@ -147,7 +149,7 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
         start = time.perf_counter()
         server.start()
         out(f"starting tritonserver (pid {server.process.pid}) on {repository}")
-        if not (server.wait_ready([], stop_event=stop_event) and _load_all(server, models, stop_event)):
+        if not (server.wait_ready([], stop_event=stop_event) and _load_all(server, models, stop_event, loaders)):
             out("interrupted while starting: stopping tritonserver")
             return 130
         serving = True
@@ -163,7 +165,7 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
             gateway.start()
             out(f"diffusers remote VAE (remote_decode/remote_encode): {gateway.describe()}")
         out("Ctrl-C (SIGINT) or SIGTERM stops the server")
-        watch = _Watchdog(server, models, instances, out, stop_event)
+        watch = _Watchdog(server, models, instances, out, stop_event, loaders)
         while not stop_event.wait(0.5):
             if not server.alive():
                 raise server.exit_error()
@@ -175,14 +177,21 @@ def serve(directory, host: str = defaults.SERVE_HOST, http_port: int = defaults.
             gateway.stop()
         if server is not None:
             server.stop(grace_s=None if serving else STARTING_GRACE_S)
+        # A load still waiting on the stopped server ends now. Left running into interpreter exit, its HTTP
+        # client crashed the process (SIGSEGV) instead of letting it exit with its code.
+        for thread in loaders:
+            thread.join(LOADER_JOIN_S)
         if repo_root is not None:
             shutil.rmtree(repo_root, ignore_errors=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _load_all(server: TritonServer, models: list, stop_event: threading.Event) -> bool:
-    """Load every model (in parallel, in threads); False if stopped first, ServeError for the first that fails."""
+def _load_all(server: TritonServer, models: list, stop_event: threading.Event, threads: list) -> bool:
+    """Load every model (in parallel, in threads); False if stopped first, ServeError for the first that fails.
+
+    The threads are appended to `threads`: the caller joins them once the server is stopped.
+    """
     failures: dict = {}
 
     def load(model):
@@ -191,7 +200,7 @@ def _load_all(server: TritonServer, models: list, stop_event: threading.Event) -
         except ServeError as e:
             failures[model] = e
 
-    threads = [threading.Thread(target=load, args=(m,), daemon=True, name=f"load {m}") for m in models]
+    threads += [threading.Thread(target=load, args=(m,), daemon=True, name=f"load {m}") for m in models]
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads) and not failures:
@@ -210,8 +219,9 @@ class _Watchdog:
     """
 
     def __init__(self, server: TritonServer, models: list, instances: int, out, stop_event: threading.Event,
-                 every_s: float = 2.0, min_interval_s: float = 30.0):
+                 threads: list, every_s: float = 2.0, min_interval_s: float = 30.0):
         self.server, self.models, self.instances, self.out = server, models, instances, out
+        self.threads = threads  # each reload's, for the caller to join once the server is stopped
         self.stop_event, self.every_s, self.min_interval_s = stop_event, every_s, min_interval_s
         self._next = time.monotonic() + every_s
         self._reloaded: dict = {}
@@ -232,6 +242,7 @@ class _Watchdog:
             self.out(f"model {model}: a worker process died; reloading the model")
             self._reloading[model] = threading.Thread(target=self._reload, args=(model,), daemon=True)
             self._reloading[model].start()
+            self.threads.append(self._reloading[model])
 
     def _reload(self, model: str) -> None:
         try:
