@@ -21,7 +21,7 @@ from ..errors import ExportError, VerificationError, first_line
 from ..manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, has_engines, write_manifest
 from ..precision import DTYPE_NAME
 from .engine import EngineOptions, build_engine, engines_unavailable_reason, read_timing_cache_record
-from .fp16.decide import Fp16OverflowError, overflow_gate
+from .fp16.decide import Fp16OverflowError, overflow_gate, overflows_fp16
 from .loading import load_vae, peek_config
 from .onnx_export import export_onnx, onnx_entry
 from .options import ExportOptions
@@ -84,7 +84,7 @@ def _export_into(folder: Path, loaded, opts: ExportOptions) -> dict:
                                             images=opts.images)
         manifest["fp16_safety"] = record
         fp32_norm = record["fp32_norm"]  # may have been switched on by the audit
-        overflows = overflow_gate(record) is not None  # its message is written below, with verify's finding
+        overflows = overflows_fp16(record)  # the message is written below, with verify's finding
 
     for name in opts.components:  # export_onnx checks each graph before it is written
         path = folder / f"{name}.onnx"

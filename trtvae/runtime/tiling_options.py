@@ -45,10 +45,7 @@ class TilingMixin(ExactTilingMixin, BlendTilingMixin, PaddingMixin, BatchingMixi
         self.tile_sample_min_size, self.tile_latent_min_size = default_tiles(self.config, self.spatial_factor)
         self.tile_overlap_factor = defaults.TILE_OVERLAP_FACTOR
         self._noticed: set = set()
-        self.tiling_mode = "exact" if self._exact_everywhere() else "blend"
-
-    def _exact_everywhere(self) -> bool:
-        return all(self._exact_available(c) for c in self.manifest["components"])
+        self.tiling_mode = "blend" if self.exact_tiling_unavailable else "exact"
 
     @property
     def exact_tiling_unavailable(self) -> str:
@@ -63,15 +60,15 @@ class TilingMixin(ExactTilingMixin, BlendTilingMixin, PaddingMixin, BatchingMixi
         """
         if mode is not None and mode not in TILING_MODES:
             raise ValueError(f"enable_tiling(mode={mode!r}): expected one of {', '.join(TILING_MODES)} or None")
-        exact = self._exact_everywhere()
-        if mode == "exact" and not exact:
-            raise ValueError(f"enable_tiling(mode='exact'): {self.exact_tiling_unavailable}; re-export with this "
-                             "trtvae (without --no-segments) for exact tiling")
-        if mode is None and not exact:
-            self._notice("no-segments", f"{self.exact_tiling_unavailable}: tiling blends tiles as diffusers does, "
-                                        "with visible seams and tone shifts; re-export with this trtvae (without "
-                                        "--no-segments) for exact tiling")
-        self.tiling_mode = mode or ("exact" if exact else "blend")
+        why = self.exact_tiling_unavailable
+        if mode == "exact" and why:
+            raise ValueError(f"enable_tiling(mode='exact'): {why}; re-export with this trtvae (without "
+                             "--no-segments) for exact tiling")
+        if mode is None and why:
+            self._notice("no-segments", f"{why}: tiling blends tiles as diffusers does, with visible seams and "
+                                        "tone shifts; re-export with this trtvae (without --no-segments) for exact "
+                                        "tiling")
+        self.tiling_mode = mode or ("blend" if why else "exact")
         self.use_tiling = True
 
     def disable_tiling(self) -> None:

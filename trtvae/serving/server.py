@@ -200,10 +200,11 @@ def _load_all(server: TritonServer, models: list, stop_event: threading.Event, t
         except ServeError as e:
             failures[model] = e
 
-    threads += [threading.Thread(target=load, args=(m,), daemon=True, name=f"load {m}") for m in models]
-    for t in threads:
+    started = [threading.Thread(target=load, args=(m,), daemon=True, name=f"load {m}") for m in models]
+    threads += started
+    for t in started:
         t.start()
-    while any(t.is_alive() for t in threads) and not failures:
+    while any(t.is_alive() for t in started) and not failures:
         if stop_event.wait(0.25):
             return False
     if failures:

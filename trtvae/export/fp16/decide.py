@@ -58,6 +58,11 @@ class Fp16OverflowError(VerificationError):
     """The audited fp16 graph holds values above 65504: never a loadable export, whatever verify says."""
 
 
+def overflows_fp16(record: dict) -> bool:
+    """Whether the graph that is exported (the rescaled copy where rescaling ran) holds values above 65504."""
+    return (record.get("audit_after_rescale") or record["audit"])["max_abs"] > FP16_MAX
+
+
 def overflow_gate(record: dict, verify: dict | None = None) -> str | None:
     """Why the exported fp16 graph must not become an export (one line), or None when it fits fp16.
 
@@ -67,9 +72,9 @@ def overflow_gate(record: dict, verify: dict | None = None) -> str | None:
     that gives NaN on fp16 runtimes such as TensorRT; and verify may not run at all (--no-verify).
     `verify`: the verify record, or {"status": "failed", "reason": ...}, to say what it found.
     """
-    audit = record.get("audit_after_rescale") or record["audit"]
-    if audit["max_abs"] <= FP16_MAX:
+    if not overflows_fp16(record):
         return None
+    audit = record.get("audit_after_rescale") or record["audit"]
     status = (verify or {}).get("status")
     head = "verify passed, but the audit measured" if status == "passed" else "the audit measured"
     declared = "; the source declares force_upcast: true" if record["audit"].get("declares_force_upcast") else ""
